@@ -1,0 +1,64 @@
+"""Asset checks shown in the Dagster UI with pass/fail and a failing-row sample.
+
+They are evaluated inside the step that produces the asset (`check_specs`), on the frame already
+in memory, so a check costs no extra step and no extra read:
+- `raw_contract` on each validated/<file> (WARN): records held back are in the quarantine;
+- `sdtm_conformance` on each SDTM dataset: BLOCKING. A failure is a pipeline bug; publication
+  does not run, the run fails, and the previous outputs stay as they were;
+- `eligibility` on the eligibility-deviation listing (WARN).
+"""
+
+import dagster as dg
+import pandas as pd
+
+from pipeline.assets.common import findings_counts, markdown_table
+from pipeline.validation.sdtm_conformance import conformance_failures
+
+RAW_CONTRACT = "raw_contract"
+CONFORMANCE = "sdtm_conformance"
+ELIGIBILITY = "eligibility"
+
+
+def raw_contract_spec(key: dg.AssetKey, file: str) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(RAW_CONTRACT, asset=key,
+                             description=f"Every {file} record meets the transfer spec (held-back records are "
+                                         "in the quarantine).")
+
+
+def raw_contract_result(key: dg.AssetKey, file: str, findings: pd.DataFrame) -> dg.AssetCheckResult:
+    mine = findings[findings["FILE"] == file]
+    errors = mine[mine["SEVERITY"] == "ERROR"]
+    held = errors.drop_duplicates(["SITEID", "TRANSFER", "ROW"]).shape[0]
+    return dg.AssetCheckResult(
+        asset_key=key, check_name=RAW_CONTRACT, passed=errors.empty, severity=dg.AssetCheckSeverity.WARN,
+        description=f"{held} record(s) held back", metadata={**findings_counts(mine),
+                                                               "failing_rows": markdown_table(errors, 20)})
+
+
+def conformance_spec(key: dg.AssetKey) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(CONFORMANCE, asset=key, blocking=True,
+                             description="SDTMIG conformance (variables, types, Req, codelists, ISO 8601, keys, "
+                                         "--SEQ, --DY, DM subjects, units, labels). Blocks publication on failure.")
+
+
+def conformance_result(key: dg.AssetKey, dataset: str, frame: pd.DataFrame,
+                       dm_subjects: set[str] | None) -> dg.AssetCheckResult:
+    failures = conformance_failures(dataset, frame, dm_subjects)
+    by_rule = failures.groupby("rule").size().to_dict() if not failures.empty else {}
+    description = ("conformant" if failures.empty else
+                   "; ".join(f"{rule}: {n} failure(s)" for rule, n in sorted(by_rule.items()))
+                   + f" - first: {failures.iloc[0].dropna().to_dict()}")
+    return dg.AssetCheckResult(asset_key=key, check_name=CONFORMANCE, passed=failures.empty, description=description,
+                               metadata={"failures": int(len(failures)), "failures_by_rule": dg.MetadataValue.json(by_rule),
+                                         "failing_rows": markdown_table(failures, 20)})
+
+
+def eligibility_spec(key: dg.AssetKey) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(ELIGIBILITY, asset=key, description="No enrolled subject breaks an eligibility criterion.")
+
+
+def eligibility_result(key: dg.AssetKey, listing: pd.DataFrame) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(asset_key=key, check_name=ELIGIBILITY, passed=listing.empty,
+                               severity=dg.AssetCheckSeverity.WARN,
+                               description=f"{listing['USUBJID'].nunique()} subject(s) with deviations",
+                               metadata={"failing_rows": markdown_table(listing, 20)})

@@ -1,0 +1,142 @@
+"""Raw ingest layer: the site transfers, verified against their manifests, read as text.
+
+`exports/site_transfers` is an observable source: its data version is the hash of every site's
+newest manifest, so Dagster marks everything downstream stale only when a site sent new data.
+The ingest is one step (every file of the current transfers is read exactly once) with one
+asset per raw file type, `raw/<file>`, as the contract names them.
+"""
+
+
+import hashlib
+import json
+
+import dagster as dg
+from dagster import AssetExecutionContext
+import pandas as pd
+
+from pipeline import findings, metadata, transfers
+from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema, markdown_table
+from pipeline.resources import StudySettings
+
+EXPORTS_KEY = dg.AssetKey(["exports", "site_transfers"])
+RAW_KEYS = {name: dg.AssetKey(["raw", name]) for name in metadata.RAW_FILES}
+INVENTORY_KEY = dg.AssetKey(["raw", "transfer_inventory"])
+INGEST_FINDINGS_KEY = dg.AssetKey(["raw", "ingest_findings"])
+RANDOMIZATION_KEY = dg.AssetKey(["raw", "randomization"])
+
+INVENTORY_COLUMNS = ["SITEID", "TRANSFER", "STATUS", "REASON", "EXPORTED_AT", "FILES", "ROWS"]
+
+
+def manifests_version(root) -> str:
+    """Hash of each site's transfer folder names and manifests: changes when a site sends data."""
+    digest = hashlib.sha256()
+    for transfer in transfers.list_transfers(root):
+        digest.update(f"{transfer.site}/{transfer.name}".encode())
+        manifest = transfer.path / transfers.MANIFEST
+        if manifest.is_file():
+            digest.update(manifest.read_bytes())
+    return digest.hexdigest()
+
+
+@dg.observable_source_asset(
+    key=EXPORTS_KEY, group_name="raw", description="Nightly site transfers under the exports root (read only).",
+)
+def site_transfers(settings: StudySettings) -> dg.DataVersion:
+    return dg.DataVersion(manifests_version(settings.exports))
+
+
+def inventory_frame(all_transfers: list[transfers.Transfer]) -> pd.DataFrame:
+    """transfers.parquet rows: one per transfer folder seen, with status and reason."""
+    rows = []
+    for t in sorted(all_transfers, key=lambda t: (t.site, t.name)):
+        current = t.status == "CURRENT"
+        rows.append({
+            "SITEID": t.site, "TRANSFER": t.name, "STATUS": t.status, "REASON": t.reason, "EXPORTED_AT": t.exported_at,
+            "FILES": int(len(t.files) if current else len(t.manifest_files)),
+            "ROWS": int(sum(f.rows for f in t.files.values())) if current else
+            int(sum(e.get("rows", 0) for e in t.manifest_files.values() if isinstance(e.get("rows"), int))),
+            "file_rows": {n: f.rows for n, f in t.files.items()},
+            "file_sha256": {n: f.sha256 for n, f in t.files.items()},
+        })
+    frame = pd.DataFrame(rows, columns=[*INVENTORY_COLUMNS, "file_rows", "file_sha256"])
+    for column in ["FILES", "ROWS"]:
+        frame[column] = frame[column].astype("int64")
+    for column in ["SITEID", "TRANSFER", "STATUS", "REASON", "EXPORTED_AT"]:
+        frame[column] = frame[column].astype("str")
+    # Per-file figures as JSON text: Arrow IPC stores them, the lineage sidecar and run.json use them.
+    frame["file_rows"] = frame["file_rows"].map(lambda d: json.dumps(d, sort_keys=True)).astype("str")
+    frame["file_sha256"] = frame["file_sha256"].map(lambda d: json.dumps(d, sort_keys=True)).astype("str")
+    return frame
+
+
+def _raw_outs() -> dict[str, dg.AssetOut]:
+    outs = {
+        name: dg.AssetOut(
+            key=key, group_name="raw", owners=OWNERS, kinds={"csv", "pandas"},
+            description=f"{metadata.raw_schema(name)['file']} of every site's CURRENT transfer, as text, with "
+                        "source coordinates (site, transfer, file, row).",
+        )
+        for name, key in RAW_KEYS.items()
+    }
+    outs["transfer_inventory"] = dg.AssetOut(key=INVENTORY_KEY, group_name="raw", owners=OWNERS, kinds={"pandas"},
+                                             description="Every transfer folder seen: CURRENT, SUPERSEDED or REJECTED.")
+    outs["ingest_findings"] = dg.AssetOut(key=INGEST_FINDINGS_KEY, group_name="raw", owners=OWNERS, kinds={"pandas"},
+                                          description="Transfer- and file-level findings of the ingest.")
+    return outs
+
+
+@dg.multi_asset(outs=_raw_outs(), deps=[EXPORTS_KEY], name="raw_ingest", can_subset=False)
+def raw_ingest(context: AssetExecutionContext, settings: StudySettings):
+    all_transfers = transfers.select_current(transfers.list_transfers(settings.exports))
+    current = [t for t in all_transfers if t.status == "CURRENT"]
+    inventory = inventory_frame(all_transfers)
+    ingest_findings = findings.combine([
+        findings.from_records([p for t in all_transfers for p in t.problems]),
+        findings.from_records([f for t in current for raw in t.files.values() for f in raw.findings]),
+    ])
+    version = hashlib.sha256("".join(sorted(f"{t.site}{n}{f.sha256}" for t in current for n, f in t.files.items()))
+                              .encode()).hexdigest()
+    for name, key in RAW_KEYS.items():
+        file = metadata.raw_schema(name)["file"]
+        parts = [t.files[file].data for t in current]
+        frame = pd.concat(parts, ignore_index=True) if parts else empty_raw_frame(name)
+        per_site = pd.DataFrame([{"site": t.site, "transfer": t.name, "rows": t.files[file].rows,
+                                  "sha256": t.files[file].sha256} for t in current])
+        yield dg.Output(frame, output_name=name, data_version=dg.DataVersion(version), metadata={
+            "dagster/row_count": len(frame),
+            "dagster/column_schema": dg.TableSchema(columns=[
+                dg.TableColumn(c, "string", description="raw text as exported") for c in metadata.raw_schema(name)["columns"]]),
+            "transfers": markdown_table(per_site, 100),
+        })
+    yield dg.Output(inventory, output_name="transfer_inventory", data_version=dg.DataVersion(version), metadata={
+        "dagster/row_count": len(inventory),
+        "transfers": markdown_table(inventory[INVENTORY_COLUMNS], 100),
+        "rejected": int((inventory["STATUS"] == "REJECTED").sum()),
+    })
+    yield dg.Output(ingest_findings, output_name="ingest_findings", data_version=dg.DataVersion(version), metadata={
+        "dagster/row_count": len(ingest_findings), "dagster/column_schema": findings_table_schema(),
+        **findings_counts(ingest_findings),
+    })
+    context.log.info(f"{len(current)} current transfer(s), {int((inventory['STATUS'] == 'REJECTED').sum())} rejected")
+
+
+def empty_raw_frame(name: str) -> pd.DataFrame:
+    columns = metadata.raw_schema(name)["columns"]
+    frame = pd.DataFrame({c: pd.Series(dtype="str") for c in columns})
+    for column, dtype in [("src_site", "category"), ("src_transfer", "category"), ("src_file", "category"),
+                          ("src_row", "int64"), ("src_ragged", "bool")]:
+        frame.insert(len(frame.columns), column, pd.Series(dtype=dtype))
+    return frame
+
+
+def build_randomization_asset() -> dg.AssetsDefinition:
+    """raw/randomization exists only in the unblinded zone's definitions."""
+
+    @dg.asset(key=RANDOMIZATION_KEY, group_name="raw", owners=OWNERS, kinds={"csv", "pandas"},
+              description="IWRS randomization list (unblinded/randomization.csv), unblinded zone only.")
+    def randomization(settings: StudySettings) -> dg.Output:
+        frame, problems = transfers.read_randomization(settings.exports)
+        frame.attrs["ingest_findings"] = problems
+        return dg.Output(frame, metadata={"dagster/row_count": len(frame), "ingest_findings": len(problems)})
+
+    return randomization

@@ -1,0 +1,88 @@
+"""Nightly operations: the schedule, the new-transfer sensor and the run-failure guidance.
+
+The sensor's cursor is the newest COMPLETE transfer seen per site. A transfer still being copied
+does not match its manifest (a file missing or its sha256 different) and is not picked up until
+it does; the nightly schedule runs regardless, so nothing waits for a silent site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from pipeline import transfers
+from pipeline.output_folder import OutputFolderBusy, OutputFolderError
+
+DEFAULT_CRON = "0 2 * * *"
+DEFAULT_TIMEZONE = "Asia/Shanghai"
+
+
+def complete_new_transfers(root, cursor: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """(new cursor, the complete transfers newer than the cursor), checking newest first."""
+    updated = dict(cursor)
+    found = []
+    by_site: dict[str, list[transfers.Transfer]] = {}
+    for transfer in transfers.list_transfers(root):
+        by_site.setdefault(transfer.site, []).append(transfer)
+    for site, site_transfers in sorted(by_site.items()):
+        for transfer in sorted(site_transfers, key=lambda t: t.name, reverse=True):
+            if transfer.name <= cursor.get(site, ""):
+                break
+            if transfers.verify_checksums(transfer):
+                updated[site] = transfer.name
+                found.append(f"{site}/{transfer.name}")
+                break
+    return updated, found
+
+
+def build_sensor(job: dg.JobDefinition, exports_dir: str) -> dg.SensorDefinition:
+    @dg.sensor(job=job, name="new_transfer_sensor", minimum_interval_seconds=60,
+               description="Starts the pipeline when a site's new transfer is complete (matches its manifest).")
+    def new_transfer_sensor(context: dg.SensorEvaluationContext):
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        try:
+            updated, found = complete_new_transfers(Path(exports_dir), cursor)
+        except transfers.ExportsRootError as error:
+            return dg.SkipReason(str(error))
+        if not found:
+            return dg.SkipReason("no new complete transfer")
+        context.update_cursor(json.dumps(updated, sort_keys=True))
+        run_key = hashlib.sha256(json.dumps(updated, sort_keys=True).encode()).hexdigest()[:16]
+        return dg.RunRequest(run_key=run_key, tags={"mesae/transfers": ",".join(found)})
+
+    return new_transfer_sensor
+
+
+def build_schedule(job: dg.JobDefinition) -> dg.ScheduleDefinition:
+    return dg.ScheduleDefinition(
+        name="nightly", job=job, cron_schedule=os.environ.get("MESAE_SCHEDULE_CRON", DEFAULT_CRON),
+        execution_timezone=os.environ.get("MESAE_SCHEDULE_TIMEZONE", DEFAULT_TIMEZONE),
+        description="Nightly run on the sites' current transfers (default 02:00 Asia/Shanghai).")
+
+
+def failure_guidance(message: str) -> str:
+    """What a data manager should do next, from a run's failure message."""
+    text = message or ""
+    if "sdtm_conformance" in text or "AccountingError" in text or "row accounting" in text:
+        return ("The outputs failed a conformance check or row accounting: this is a pipeline bug, not a data "
+                "problem. The previous outputs are unchanged. Send the run id to the pipeline team.")
+    if OutputFolderBusy.__name__ in text or "is being written by" in text:
+        return "Another run is writing this output folder. Wait for it to finish, then run again."
+    if OutputFolderError.__name__ in text or "zone" in text:
+        return "The output folder or Dagster instance belongs to the other blinding zone. Use the zone's own folder."
+    if "exports folder" in text:
+        return "The exports folder is missing or unreadable. Check the nightly copy from the sites, then run again."
+    if "No space left" in text or "Permission denied" in text or "Read-only" in text:
+        return "The output folder cannot be written (disk full or permissions). Free space or fix permissions; " \
+               "the previous outputs are unchanged."
+    return "The run failed; the previous outputs are unchanged. Check the run's log in the Dagster UI, then rerun."
+
+
+@dg.run_failure_sensor(name="failure_guidance", description="Logs what a data manager should do after a failed run.")
+def failure_guidance_sensor(context: dg.RunFailureSensorContext):
+    message = context.failure_event.message or ""
+    context.log.error(f"run {context.dagster_run.run_id} failed: {message} -> {failure_guidance(message)}")

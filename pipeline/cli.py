@@ -1,0 +1,248 @@
+"""The `mesae` command: demo, demo-data, run, trace.
+
+Exit codes of `run` (pipeline-contract.md section 1): 0 outputs published; 2 unusable
+invocation or input (one line on stderr, no traceback); 1 any other failure, after which the
+previously published outputs are intact. Dagster is imported only by the commands that need
+it, so `mesae --help` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ZONE_ENV = "MESAE_UNBLINDED"
+# The run's events go to the Dagster instance (and its UI); the terminal gets a short summary.
+QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+class UsageError(Exception):
+    """An unusable invocation or input root: exit 2 with this one-line reason."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as the contract asks
+        raise UsageError(message)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="mesae", description="MESAE site exports to CDISC SDTM, orchestrated by Dagster.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    demo = commands.add_parser("demo", help="make a synthetic trial and run the pipeline on it")
+    demo.add_argument("--dir", default="demo", type=Path, help="demo folder (default ./demo)")
+    demo.add_argument("--subjects", type=int, default=38)
+    demo.add_argument("--seed", type=int, default=0)
+
+    data = commands.add_parser("demo-data", help="write synthetic raw site exports")
+    data.add_argument("--out", required=True, type=Path, help="exports root to create")
+    data.add_argument("--subjects", type=int, default=38, help="enrolled subjects (default 38)")
+    data.add_argument("--sites", type=int, default=5)
+    data.add_argument("--transfers", type=int, default=2, help="complete transfers per site (default 2)")
+    data.add_argument("--seed", type=int, default=0)
+
+    run = commands.add_parser("run", help="ingest, validate, map and publish through Dagster")
+    run.add_argument("--exports", required=True, type=Path, help="exports root (read only)")
+    run.add_argument("--output", required=True, type=Path, help="output folder of this blinding zone")
+    run.add_argument("--unblinded", action="store_true", help=f"unblinded zone (also {ZONE_ENV}=1)")
+    run.add_argument("--lock-timeout", type=float, default=30.0,
+                     help="seconds to wait for another run on the same output folder (default 30)")
+
+    trace = commands.add_parser("trace", help="print the raw row(s) an SDTM record came from")
+    trace.add_argument("usubjid")
+    trace.add_argument("domain", help="DM, EX, AE, LB, QS, SUPPAE ...")
+    trace.add_argument("seq", help="the record's --SEQ (for DM and SUPPDM: 1)")
+    trace.add_argument("--output", type=Path, default=Path("demo/output"))
+    trace.add_argument("--exports", type=Path, default=Path("demo/exports"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        handler = {"demo": demo, "demo-data": demo_data, "run": run, "trace": trace}[args.command]
+        return handler(args)
+    except UsageError as error:
+        print(f"mesae: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mesae: interrupted; published outputs are unchanged", file=sys.stderr)
+        return 1
+
+
+def demo_data(args) -> int:
+    from pipeline.synthetic_trial import generate_trial
+
+    try:
+        trial = generate_trial(args.out, subjects=args.subjects, sites=args.sites, transfers=args.transfers,
+                               seed=args.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(f"wrote synthetic exports to {trial.exports} ({len(trial.subjects)} consented subjects, seed {args.seed})")
+    return 0
+
+
+def zone_of(args) -> str:
+    flag = os.environ.get(ZONE_ENV, "").strip().lower()
+    if flag not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise UsageError(f"{ZONE_ENV} must be 1 or 0, not {flag!r}")
+    return "unblinded" if args.unblinded or flag in ("1", "true", "yes") else "blinded"
+
+
+def dagster_home(zone: str) -> Path:
+    """$DAGSTER_HOME, or a project-local instance per zone (SQLite), created on first use."""
+    home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home" / zone).absolute()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("# Created by mesae: a local SQLite instance. See README for PostgreSQL.\n"
+                          "telemetry:\n  enabled: false\n", encoding="utf-8")
+    return home
+
+
+def preflight(exports: Path, output: Path, zone: str, home: Path) -> None:
+    """Everything that makes an invocation unusable, checked before Dagster starts (exit 2)."""
+    from pipeline.output_folder import OutputFolder, OutputFolderError
+    from pipeline.resources import ZoneError, check_instance_zone
+    from pipeline.transfers import RANDOMIZATION_PATH, ExportsRootError, list_transfers
+
+    try:
+        list_transfers(exports)
+    except ExportsRootError as error:
+        raise UsageError(str(error)) from None
+    if zone == "unblinded":
+        path = exports.joinpath(*RANDOMIZATION_PATH)
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise UsageError(f"unblinded run needs a readable {path}")
+    try:
+        OutputFolder(output, zone).check(exports)
+        check_instance_zone(str(home), zone)
+    except (OutputFolderError, ZoneError) as error:
+        raise UsageError(str(error)) from None
+
+
+def run(args) -> int:
+    zone = zone_of(args)
+    home = dagster_home(zone)
+    preflight(args.exports, args.output, zone, home)
+    return execute(args.exports, args.output, zone, home, args.lock_timeout)
+
+
+def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: float) -> int:
+    os.environ["DAGSTER_HOME"] = str(home)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import dagster as dg
+
+    from pipeline.automation import failure_guidance
+    from pipeline.definitions import JOB_NAME, build_definitions
+
+    definitions = build_definitions(exports, output, zone, lock_timeout)
+    job = definitions.resolve_job_def(JOB_NAME)
+    with dg.DagsterInstance.get() as instance:
+        result = job.execute_in_process(instance=instance, raise_on_error=False, tags={"mesae/source": "cli"},
+                                        run_config=QUIET)
+        if result.success:
+            print_summary(output, result.run_id)
+            return 0
+        reason = failure_reason(result)
+    print(f"mesae: run {result.run_id} failed: {reason}", file=sys.stderr)
+    print(f"mesae: {failure_guidance(reason)}", file=sys.stderr)
+    return 1
+
+
+def failure_reason(result) -> str:
+    """One line: the failed blocking checks, else the first step failure's error."""
+    failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed and e.severity.value == "ERROR"]
+    if failed_checks:
+        return "; ".join(f"sdtm_conformance failed on {e.asset_key.to_user_string()}: {e.description}"
+                         for e in failed_checks)
+    for event in result.all_events:
+        if event.event_type_value in ("STEP_FAILURE", "RUN_FAILURE") and event.event_specific_data is not None:
+            error = getattr(event.event_specific_data, "error", None)
+            if error is not None:
+                cause = error
+                while getattr(cause, "cause", None) is not None:
+                    cause = cause.cause
+                return f"{cause.cls_name}: {cause.message.strip().splitlines()[0] if cause.message else ''}"
+    return "see the run's log in the Dagster UI"
+
+
+def print_summary(output: Path, run_id: str) -> None:
+    summary = json.loads((output / "run.json").read_text(encoding="utf-8"))
+    records = ", ".join(f"{k.upper()} {v}" for k, v in summary["records"].items())
+    warnings = sum(r["n"] for r in summary["findings_by_rule"] if r["SEVERITY"] == "WARNING")
+    transfers = ", ".join(f"{n} {s.lower()}" for s, n in summary["transfers"].items())
+    print(f"MESAE {summary['zone']} run {run_id} published to {output}")
+    print(f"  subjects: {summary['subjects']}; records: {records}")
+    print(f"  held back: {summary['held_back']} raw records; warnings: {warnings}; transfers: {transfers}")
+    by_rule = ", ".join(f"{r['RULE']} {r['n']}" for r in summary["findings_by_rule"])
+    if by_rule:
+        print(f"  findings by rule: {by_rule}  (details: {output / 'quarantine.parquet'})")
+
+
+def demo(args) -> int:
+    from pipeline.synthetic_trial import generate_trial
+
+    exports, output = args.dir / "exports", args.dir / "output"
+    if exports.exists():
+        print(f"reusing the synthetic exports in {exports} (delete the folder for a new trial)")
+    else:
+        try:
+            generate_trial(exports, subjects=args.subjects, seed=args.seed)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        print(f"wrote a synthetic MESAE trial to {exports}")
+    home = dagster_home("blinded")
+    preflight(exports, output, "blinded", home)
+    code = execute(exports, output, "blinded", home, 30.0)
+    if code == 0:
+        root = Path(__file__).resolve().parent.parent
+        print("\nOpen the Dagster UI (from the repository root):")
+        print(f"  cd {root} && DAGSTER_HOME={home} MESAE_EXPORTS={exports.absolute()} "
+              f"MESAE_OUTPUT={output.absolute()} dagster dev")
+        print(f"Trace a record to its raw row:  mesae trace MESAE-01-001 LB 1 --output {output} --exports {exports}")
+    return code
+
+
+def trace(args) -> int:
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from pipeline import metadata, transfers
+
+    dataset = args.domain.lower()
+    path = args.output / "lineage" / f"{dataset}.parquet"
+    if not path.is_file():
+        raise UsageError(f"no lineage for {args.domain} in {args.output} (is it a mesae output folder?)")
+    try:
+        seq = int(args.seq)
+    except ValueError:
+        raise UsageError(f"SEQ must be a whole number, not {args.seq!r}") from None
+    lineage = pq.read_table(path).to_pandas()
+    hits = lineage[(lineage["USUBJID"] == args.usubjid) & (lineage["SEQ"].fillna(1) == seq)]
+    if hits.empty:
+        raise UsageError(f"{args.domain.upper()} has no record USUBJID={args.usubjid} SEQ={seq}")
+    for hit in hits.drop_duplicates(["SITEID", "TRANSFER", "FILE", "ROW"]).itertuples(index=False):
+        source = transfers.Transfer(site=hit.SITEID, name=hit.TRANSFER,
+                                    path=args.exports / f"site-{hit.SITEID}" / hit.TRANSFER)
+        if not transfers.read_manifest(source):
+            raise UsageError(f"transfer {source.path} is not readable any more: {source.reason}")
+        data = (source.path / hit.FILE).read_bytes()
+        name = next(n for n in metadata.RAW_FILES if metadata.raw_schema(n)["file"] == hit.FILE)
+        raw = transfers.read_csv_file(source, hit.FILE, data, metadata.raw_schema(name))
+        row = raw.data[raw.data["src_row"] == hit.ROW].iloc[0]
+        sha_note = "sha256 matches" if raw.sha256 == hit.SHA256 else f"CHANGED since the run (run saw {hit.SHA256})"
+        print(f"{args.domain.upper()} {args.usubjid} SEQ {seq} <- {source.path / hit.FILE} data row {hit.ROW} ({sha_note})")
+        for column in metadata.raw_schema(name)["columns"]:
+            value = row[column]
+            print(f"  {column:10} {'' if pd.isna(value) else value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The Dagster definitions of the MESAE pipeline, for one blinding zone.
+
+`dagster dev` (through workspace.yaml) loads `defs` with the zone, exports and output from the
+environment: MESAE_UNBLINDED=1 selects the unblinded zone, MESAE_EXPORTS and MESAE_OUTPUT the
+folders (defaults: the demo trial's). The blinded definitions contain no asset that can read
+`unblinded/`: the zones differ in code, not only in configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from pipeline import metadata
+from pipeline.assets.raw import build_randomization_asset, raw_ingest, site_transfers
+from pipeline.assets.reports import build_report_assets, protocol_ranges_asset, quarantine
+from pipeline.assets.sdtm import build_sdtm_asset
+from pipeline.assets.validated import build_validation_asset
+from pipeline.automation import build_schedule, build_sensor, failure_guidance_sensor
+from pipeline.resources import ArrowFrameStore, StudySettings
+
+JOB_NAME = "mesae_nightly"
+DEFAULT_EXPORTS = "demo/exports"
+DEFAULT_OUTPUT = "demo/output"
+
+
+def zone_from_environment() -> str:
+    return "unblinded" if os.environ.get("MESAE_UNBLINDED", "").strip() in ("1", "true", "yes") else "blinded"
+
+
+def build_definitions(exports: str | Path, output: str | Path, zone: str = "blinded",
+                      lock_timeout_seconds: float = 30.0) -> dg.Definitions:
+    assets = [site_transfers, raw_ingest, build_validation_asset(zone),
+              *[build_sdtm_asset(domain, zone) for domain in metadata.mapping_domains()],
+              protocol_ranges_asset, quarantine, *build_report_assets(zone)]
+    if zone == "unblinded":
+        assets.append(build_randomization_asset())
+    job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.all(include_sources=False),
+                              executor_def=dg.in_process_executor,
+                              description=f"Every asset of the {zone} zone: ingest, validate, map, publish.",
+                              tags={"mesae/zone": zone})
+    exports, output = str(Path(exports).absolute()), str(Path(output).absolute())
+    return dg.Definitions(
+        assets=assets, jobs=[job],
+        schedules=[build_schedule(job)], sensors=[build_sensor(job, exports), failure_guidance_sensor],
+        resources={"settings": StudySettings(exports_dir=exports, output_dir=output, zone=zone,
+                                             lock_timeout_seconds=lock_timeout_seconds),
+                   "io_manager": ArrowFrameStore(output_dir=output)},
+        executor=dg.in_process_executor,
+    )
+
+
+defs = build_definitions(os.environ.get("MESAE_EXPORTS", DEFAULT_EXPORTS), os.environ.get("MESAE_OUTPUT", DEFAULT_OUTPUT),
+                         zone_from_environment())

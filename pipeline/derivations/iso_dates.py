@@ -1,0 +1,101 @@
+"""Site dates and times to ISO 8601, partial dates kept partial, nothing imputed.
+
+Sites write `DD MMM YYYY` (CDASH: `07 MAR 2026`, unknown parts `UN` / `UNK`) or ISO
+`YYYY-MM-DD`, `YYYY-MM`, `YYYY`, mixed within one file. SDTM gets right-truncated ISO 8601:
+`UN MAR 2026` -> `2026-03`, `UN UNK 2026` -> `2026`; a known day in an unknown month cannot be
+written by truncation and keeps the year only (SDTMIG 3.4 section 4.4.4). Impossible dates
+(31 FEB, month 13) are not dates: they come back null, and validation reports them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline.derivations.distinct_values import on_distinct_values
+
+MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+YEAR_RANGE = (1900, 2100)
+
+_CDASH = r"^(?P<day>\d{2}|UN) (?P<month>" + "|".join(MONTHS) + r"|UNK) (?P<year>\d{4})$"
+_ISO = r"^(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2}))?)?$"
+_TIME = r"^(?:[01]\d|2[0-3]):[0-5]\d$"
+
+
+@on_distinct_values
+def site_date_to_iso(values: pd.Series) -> pd.Series:
+    """ISO 8601 date (complete or right-truncated) for each site date; null when not a valid date."""
+    cdash = values.str.extract(_CDASH)
+    iso = values.str.extract(_ISO)
+    cdash_month = cdash["month"].map({m: f"{i:02d}" for i, m in enumerate(MONTHS, start=1)})
+    year = cdash["year"].fillna(iso["year"])
+    month = cdash_month.where(cdash["year"].notna(), iso["month"])
+    day = cdash["day"].replace("UN", pd.NA).where(cdash["year"].notna(), iso["day"])
+    # A known day in an unknown month cannot be expressed by truncation: keep the year.
+    day = day.where(month.notna())
+
+    year_number = pd.to_numeric(year, errors="coerce")
+    month_number = pd.to_numeric(month, errors="coerce")
+    valid = year_number.between(*YEAR_RANGE) & (month.isna() | month_number.between(1, 12))
+    full = year.str.cat([month, day], sep="-")
+    full_ok = pd.to_datetime(full, format="%Y-%m-%d", errors="coerce").notna()
+    valid &= day.isna() | full_ok
+
+    result = year.where(month.isna(), year + "-" + month)
+    result = result.where(day.isna(), full)
+    return result.where(valid & year.notna()).astype("str")
+
+
+@on_distinct_values
+def is_site_time(values: pd.Series) -> pd.Series:
+    """True where the text is an HH:MM 24-hour time."""
+    return values.str.match(_TIME).astype("boolean")
+
+
+def is_complete_date(iso: pd.Series) -> pd.Series:
+    """True where an ISO date (or datetime) has year, month and day."""
+    return iso.str.len().ge(10).fillna(False).astype(bool)
+
+
+def iso_datetime(date_iso: pd.Series, time_text: pd.Series | None = None) -> pd.Series:
+    """`YYYY-MM-DDThh:mm` where the date is complete and a valid time was collected, else the date.
+
+    A time on a partial date is not representable in ISO 8601 and is left out (validation warns).
+    """
+    if time_text is None:
+        return date_iso
+    with_time = is_complete_date(date_iso) & is_site_time(time_text).fillna(False).astype(bool)
+    return date_iso.where(~with_time, date_iso + "T" + time_text)
+
+
+def date_part(iso: pd.Series) -> pd.Series:
+    """The calendar date of complete ISO dates/datetimes as datetime64; NaT when partial or null."""
+    return _to_date(iso.str.slice(0, 10).where(is_complete_date(iso)))
+
+
+@on_distinct_values
+def _to_date(values: pd.Series) -> pd.Series:
+    return pd.to_datetime(values, format="%Y-%m-%d", errors="coerce")
+
+
+def compare_partial(left: pd.Series, right: pd.Series) -> pd.Series:
+    """-1, 0 or 1 comparing two ISO dates at their common precision; null if either is null.
+
+    `2026-03` vs `2026-03-15` compare equal (cannot tell), `2026-02` vs `2026-03-15` is before.
+    """
+    left_date = left.str.slice(0, 10)
+    right_date = right.str.slice(0, 10)
+    common = np.minimum(left_date.str.len().fillna(0), right_date.str.len().fillna(0)).astype(int)
+    left_cut = _truncate(left_date, common)
+    right_cut = _truncate(right_date, common)
+    result = pd.Series(np.sign((left_cut > right_cut).astype(int) - (left_cut < right_cut).astype(int)),
+                       index=left.index, dtype="Int64")
+    return result.where(left.notna() & right.notna())
+
+
+def _truncate(values: pd.Series, lengths: pd.Series) -> pd.Series:
+    out = values.copy()
+    for length in (4, 7, 10):
+        mask = lengths == length
+        out = out.where(~mask, values.str.slice(0, length))
+    return out.fillna("")

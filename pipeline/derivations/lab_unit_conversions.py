@@ -1,0 +1,167 @@
+"""Lab test names to CDISC codes, reported results to standard units, reference range flags.
+
+Everything comes from `schemas/terminology/lab_tests.yaml`: the aliases sites print, the units
+each test may be reported in and the factor to its standard unit (standard = reported x factor),
+the result kind (numeric, qualitative, titre) and the physiologically possible range. An
+unknown name or a unit not listed for the test is never guessed: it comes back null, and
+validation holds the record back with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+
+from pipeline import metadata
+from pipeline.derivations.distinct_values import on_distinct_values
+
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_PLAIN = re.compile(rf"^{_NUMBER}$")
+_CENSORED = re.compile(rf"^(?P<op><=|>=|<|>)\s*(?P<num>{_NUMBER})$")
+
+
+@lru_cache(maxsize=None)
+def _tests() -> dict:
+    return metadata.lab_tests()["tests"]
+
+
+@lru_cache(maxsize=None)
+def _test_table() -> pd.DataFrame:
+    rows = []
+    for code, test in _tests().items():
+        rows.append({
+            "LBTESTCD": code, "LBTEST": test["name"], "LBCAT": test["category"], "kind": test["result"],
+            "standard_unit": test.get("standard_unit"), "normal": test.get("normal"),
+            "plausible_low": (test.get("plausible") or [np.nan, np.nan])[0],
+            "plausible_high": (test.get("plausible") or [np.nan, np.nan])[1],
+        })
+    return pd.DataFrame(rows).set_index("LBTESTCD")
+
+
+@on_distinct_values
+def lab_test_code(names: pd.Series) -> pd.Series:
+    """LBTESTCD for each test name as printed by the site (any case); null if unknown."""
+    aliases = {alias.upper(): code for code, test in _tests().items() for alias in test["aliases"]}
+    return names.str.upper().map(aliases).astype("str")
+
+
+def test_attribute(codes: pd.Series, attribute: str) -> pd.Series:
+    """A per-test attribute (LBTEST, LBCAT, kind, standard_unit, normal, plausible_low/high)."""
+    return codes.map(_test_table()[attribute])
+
+
+def unit_factor(codes: pd.Series, units: pd.Series) -> pd.Series:
+    """Factor from the reported unit to the test's standard unit; NaN if the unit is not listed."""
+    factors = {(code, unit): float(f) for code, t in _tests().items() for unit, f in t["units"].items()}
+    keys = pd.Series(list(zip(codes.fillna(""), units.fillna(""))), index=codes.index)
+    return pd.Series(keys.map(factors), index=codes.index, dtype="float64")
+
+
+def allowed_units(code: str) -> list[str]:
+    return list(_tests()[code]["units"])
+
+
+@on_distinct_values
+def parse_result(results: pd.Series) -> pd.DataFrame:
+    """Reads each result text: kind (number, censored, titre, qualitative, below_lloq, text),
+    the operator of a censored value and the numeric part."""
+    text = results.astype("str")
+    plain = text.str.fullmatch(_PLAIN.pattern)
+    censored = text.str.extract(_CENSORED.pattern)
+    config = metadata.lab_tests()
+    titre_parts = text.str.extract(config["titre"]["pattern"])[0]
+    titre_value = pd.to_numeric(titre_parts, errors="coerce")
+    is_titre = titre_value.between(config["titre"]["min"], config["titre"]["max"])
+    below_lloq = text.str.fullmatch(config["below_lloq_pattern"])
+    qualitative = text.str.upper().isin(["POSITIVE", "NEGATIVE"])
+    number = pd.to_numeric(text.where(plain), errors="coerce")
+    number = number.fillna(pd.to_numeric(censored["num"], errors="coerce"))
+    kind = pd.Series("text", index=text.index, dtype="str")
+    kind = kind.where(~qualitative, "qualitative")
+    kind = kind.where(~is_titre.fillna(False), "titre")
+    kind = kind.where(~(below_lloq.fillna(False) & censored["op"].isna()), "below_lloq")
+    kind = kind.where(censored["op"].isna(), "censored")
+    kind = kind.where(~plain.fillna(False), "number")
+    return pd.DataFrame({"kind": kind, "operator": censored["op"].astype("str"), "number": number.astype("float64")})
+
+
+ACCEPTED_KINDS = {
+    "numeric": {"number", "censored"},
+    "qualitative": {"qualitative"},
+    "titre_or_qualitative": {"titre", "qualitative"},
+    "numeric_or_below_lloq": {"number", "censored", "below_lloq"},
+}
+
+EXPECTED_RESULT = {
+    "numeric": "a number or a censored number such as <0.5",
+    "qualitative": "POSITIVE or NEGATIVE",
+    "titre_or_qualitative": "a titre 1:10 .. 1:320, POSITIVE or NEGATIVE",
+    "numeric_or_below_lloq": "a number, a censored number or <LLOQ",
+}
+
+
+def result_is_readable(codes: pd.Series, parsed: pd.DataFrame) -> pd.Series:
+    """True where the result's form is one the test accepts (numbers for numeric tests ...)."""
+    kinds = test_attribute(codes, "kind")
+    pairs = kinds.astype("str") + "|" + parsed["kind"].astype("str")
+    accepted = {f"{k}|{form}" for k, forms in ACCEPTED_KINDS.items() for form in forms}
+    return pairs.isin(accepted)
+
+
+def format_number(values: pd.Series) -> pd.Series:
+    """Shortest text of each number after rounding to 10 significant digits (kills float noise)."""
+    x = values.to_numpy(dtype="float64", na_value=np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        magnitude = np.floor(np.log10(np.abs(np.where(x == 0, 1.0, x))))
+    scale = 10.0 ** (9 - magnitude)
+    rounded = np.where(np.isfinite(x), np.round(x * scale) / scale, np.nan)
+    import pyarrow as pa
+
+    text = pa.array(rounded, from_pandas=True).cast(pa.string()).to_pandas()
+    return pd.Series(text, index=values.index, dtype="str")
+
+
+def standard_results(codes: pd.Series, orres: pd.Series, units: pd.Series,
+                     ornrlo: pd.Series, ornrhi: pd.Series) -> pd.DataFrame:
+    """LBSTRESC, LBSTRESN, LBSTRESU, LBSTNRLO, LBSTNRHI, LBSTNRC and LBNRIND for each record.
+
+    STRESN only for plain numbers; censored values keep their operator in STRESC with the number
+    converted; titres and qualitative results are text. Ranges convert with the same factor.
+    """
+    parsed = parse_result(orres)
+    factor = unit_factor(codes, units)
+    converted = parsed["number"] * factor
+    kind = parsed["kind"]
+    stresc = pd.Series(pd.NA, index=orres.index, dtype="str")
+    stresc = stresc.where(kind != "number", format_number(converted))
+    stresc = stresc.where(kind != "censored", parsed["operator"] + format_number(converted))
+    stresc = stresc.where(~kind.isin(["titre", "below_lloq"]), orres)
+    stresc = stresc.where(kind != "qualitative", orres.str.upper())
+    stresn = converted.where(kind == "number")
+    has_result = orres.notna()
+    stresu = test_attribute(codes, "standard_unit").astype("str").where(has_result)
+    stnrlo = pd.to_numeric(ornrlo, errors="coerce") * factor
+    stnrhi = pd.to_numeric(ornrhi, errors="coerce") * factor
+    stnrlo = pd.to_numeric(format_number(stnrlo), errors="coerce")
+    stnrhi = pd.to_numeric(format_number(stnrhi), errors="coerce")
+    stresn = pd.to_numeric(format_number(stresn), errors="coerce")
+    normal = test_attribute(codes, "normal").astype("str")
+    stnrc = normal.where(has_result)
+
+    nrind = pd.Series(pd.NA, index=orres.index, dtype="str")
+    numeric = stresn.notna()
+    nrind = nrind.where(~(numeric & stnrlo.notna() & (stresn < stnrlo)), "LOW")
+    nrind = nrind.where(~(numeric & stnrhi.notna() & (stresn > stnrhi)), "HIGH")
+    in_range = numeric & (stnrlo.notna() | stnrhi.notna()) & nrind.isna()
+    nrind = nrind.where(~in_range, "NORMAL")
+    qualitative_flag = pd.Series(np.where(stresc == normal, "NORMAL", "ABNORMAL"), index=orres.index, dtype="str")
+    judged = normal.notna() & kind.isin(["qualitative", "titre"])
+    nrind = nrind.where(~judged, qualitative_flag)
+    return pd.DataFrame({
+        "LBSTRESC": stresc, "LBSTRESN": stresn.astype("float64"), "LBSTRESU": stresu,
+        "LBSTNRLO": stnrlo.astype("float64"), "LBSTNRHI": stnrhi.astype("float64"),
+        "LBSTNRC": stnrc, "LBNRIND": nrind,
+    })

@@ -1,0 +1,464 @@
+"""Applies a declarative mapping (`mappings/<domain>.yaml`) to validated raw records.
+
+A mapping names, for each SDTM variable, its source columns and one algorithm from a small
+vocabulary (in the spirit of sdtm.oak: assign, recode, hardcode, conditional, ISO 8601 dates,
+study day, sequence, baseline flag, unit conversion ...). The algorithms are thin adapters over
+the derivation library; this module holds no per-variable special cases.
+
+Source references in a mapping:
+- `COLUMN`          a column of the mapping's primary raw file;
+- `enrol.COLUMN`    a column of another raw file, joined by SUBJID (subject-level files) or
+                    aggregated by the algorithm (`from:`);
+- `dm.VARIABLE`     a variable (or `ctx_` subject fact) of the SDTM DM built before;
+- `$VARIABLE`       a variable derived earlier in the same mapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from pipeline import metadata
+from pipeline.derivations import codelists
+from pipeline.derivations import lab_unit_conversions as labs
+from pipeline.derivations.baseline import last_observation_before_exposure
+from pipeline.derivations.dose_labels import dose_particles
+from pipeline.derivations.iso_dates import iso_datetime, site_date_to_iso
+from pipeline.derivations.sequence import sequence_number, sort_by_keys
+from pipeline.derivations.study_day import study_day
+from pipeline.derivations.visits import epoch, visit_name, visit_number
+from pipeline.sdtm_datasets import arrow_type
+
+SUBJECT_LEVEL_FILES = ("dm", "enrol")
+
+
+@dataclass
+class MappingInputs:
+    """Everything a mapping may read. `randomization` exists only in the unblinded zone."""
+
+    zone: str
+    validated: dict[str, pd.DataFrame]
+    dm: pd.DataFrame | None = None
+    unscheduled_visits: pd.DataFrame | None = None
+    randomization: pd.DataFrame | None = None
+    data_cutoff: dict[str, str] = field(default_factory=dict)  # "site/transfer" -> export date
+
+
+@dataclass
+class MappedDomain:
+    frame: pd.DataFrame                 # SDTM variables in order, then src_* (and ctx_* for DM)
+    supplemental: pd.DataFrame | None   # SUPP-- records, with src_* coordinates
+    not_mapped: dict[str, int]          # reason -> number of source rows without an SDTM record
+
+
+class MappingError(ValueError):
+    """A mapping file that cannot be applied (unknown algorithm, bad reference)."""
+
+
+class Work:
+    """The rows being mapped and the variables derived so far."""
+
+    def __init__(self, frame: pd.DataFrame, source: str, inputs: MappingInputs):
+        self.frame = frame
+        self.source = source
+        self.inputs = inputs
+        self.out: dict[str, pd.Series] = {}
+        self._joined: dict[str, pd.Series] = {}
+        self.cache: dict = {}
+
+    def resolve(self, reference: str) -> pd.Series:
+        if reference.startswith("$"):
+            name = reference[1:]
+            if name not in self.out:
+                raise MappingError(f"{reference} is used before it is derived")
+            return self.out[name]
+        if "." not in reference:
+            if reference not in self.frame.columns:
+                raise MappingError(f"column {reference} is not in {self.source}.csv")
+            return self.frame[reference]
+        prefix, column = reference.split(".", 1)
+        if reference not in self._joined:
+            self._joined[reference] = self._join(prefix, column)
+        return self._joined[reference]
+
+    def _join(self, prefix: str, column: str) -> pd.Series:
+        if prefix == "dm" and self.source != "dm":
+            table = self.inputs.dm.set_index("SUBJID")[column]
+        elif prefix in SUBJECT_LEVEL_FILES:
+            table = self.inputs.validated[prefix].drop_duplicates("SUBJID").set_index("SUBJID")[column]
+        else:
+            raise MappingError(f"{prefix}.{column}: only subject-level files join row by row; use `from:`")
+        return pd.Series(self.frame["SUBJID"].map(table).to_numpy(), index=self.frame.index, dtype=table.dtype)
+
+    def sources(self, spec: dict) -> list[pd.Series]:
+        source = spec.get("source", [])
+        return [self.resolve(s) for s in ([source] if isinstance(source, str) else source)]
+
+    def condition(self, when: dict | None) -> pd.Series:
+        mask = pd.Series(True, index=self.frame.index)
+        for reference, value in (when or {}).items():
+            mask &= canonical_value(self, reference).eq(value).fillna(False)
+        return mask
+
+
+def canonical_value(work: Work, reference: str) -> pd.Series:
+    """A raw column recoded with its codelist (Y/y/YES -> Y) for conditions."""
+    values = work.resolve(reference)
+    file, column = (reference.split(".", 1) if "." in reference else (work.source, reference))
+    spec = metadata.raw_schema(file)["columns"].get(column, {}) if file in metadata.RAW_FILES else {}
+    if spec.get("kind") == "code":
+        return codelists.recode(values, spec["codelist"]).fillna(values)
+    return values
+
+
+def _text(values) -> pd.Series:
+    return values.astype("str")
+
+
+# --- algorithms -------------------------------------------------------------------------------
+
+def hardcode(work: Work, spec: dict) -> pd.Series:
+    out = pd.Series(str(spec["value"]), index=work.frame.index, dtype="str")
+    keep = work.condition(spec.get("when"))
+    if "when_present" in spec:
+        keep &= work.resolve(spec["when_present"]).notna()
+    return out.where(keep)
+
+
+def assign(work: Work, spec: dict) -> pd.Series:
+    (values,) = work.sources(spec)
+    return values.copy()
+
+
+def usubjid(work: Work, spec: dict) -> pd.Series:
+    (subjid,) = work.sources(spec)
+    return metadata.study()["usubjid_prefix"] + subjid
+
+
+def site_from_subjid(work: Work, spec: dict) -> pd.Series:
+    (subjid,) = work.sources(spec)
+    return subjid.str.slice(0, 2)
+
+
+def iso8601(work: Work, spec: dict) -> pd.Series:
+    values = work.sources(spec)
+    date = site_date_to_iso(values[0])
+    return _text(iso_datetime(date, values[1] if len(values) > 1 else None))
+
+
+def integer(work: Work, spec: dict) -> pd.Series:
+    (values,) = work.sources(spec)
+    return pd.to_numeric(values, errors="coerce").astype("Int64")
+
+
+def integer_text(work: Work, spec: dict) -> pd.Series:
+    return _text(integer(work, spec).astype("str").where(integer(work, spec).notna()))
+
+
+def number(work: Work, spec: dict) -> pd.Series:
+    (values,) = work.sources(spec)
+    return pd.to_numeric(values, errors="coerce").astype("float64")
+
+
+def recode(work: Work, spec: dict) -> pd.Series:
+    (values,) = work.sources(spec)
+    out = codelists.recode(values, spec["codelist"])
+    if "default" in spec:
+        out = out.fillna(derive(work, spec["default"]))
+    return out
+
+
+def _rows_from(work: Work, file: str, spec: dict) -> tuple[pd.DataFrame, pd.Series]:
+    other = Work(work.inputs.validated[file], file, work.inputs)
+    rows = other.condition(spec.get("where"))
+    value = derive(other, spec["value"]) if "value" in spec else pd.Series("Y", index=other.frame.index)
+    return pd.DataFrame({"SUBJID": other.frame["SUBJID"], "value": value})[rows.to_numpy()], rows
+
+
+def _subject_aggregate(work: Work, spec: dict, how: str) -> pd.Series:
+    files = spec["from"] if isinstance(spec["from"], list) else [spec["from"]]
+    values = spec["value"] if isinstance(spec["value"], list) else [spec["value"]] * len(files)
+    parts = [_rows_from(work, f, {**spec, "value": v})[0] for f, v in zip(files, values)]
+    stacked = pd.concat(parts, ignore_index=True).dropna(subset=["value"])
+    per_subject = getattr(stacked.groupby("SUBJID")["value"], how)()
+    return _text(work.frame["SUBJID"].map(per_subject))
+
+
+def subject_first(work: Work, spec: dict) -> pd.Series:
+    return _subject_aggregate(work, spec, "min")
+
+
+def subject_last(work: Work, spec: dict) -> pd.Series:
+    return _subject_aggregate(work, spec, "max")
+
+
+def subject_flag(work: Work, spec: dict) -> pd.Series:
+    rows, _ = _rows_from(work, spec["from"], {"where": spec.get("where")})
+    flagged = set(rows["SUBJID"])
+    return _text(pd.Series(np.where(work.frame["SUBJID"].isin(flagged), "Y", None), index=work.frame.index))
+
+
+def arm(work: Work, spec: dict) -> pd.Series:
+    """Planned and actual arm per DM rules: cohorts open label, expansion masked when blinded."""
+    key = "arm"
+    if key not in work.cache:
+        enrolled, phase, cohort, first_dose = work.sources(spec)
+        work.cache[key] = arm_variables(work.frame["SUBJID"], codelists.recode(enrolled, "NY"), phase, cohort,
+                                        first_dose.notna(), work.inputs)
+    return work.cache[key][spec["part"]]
+
+
+def arm_variables(subjid, enrolled, phase, cohort, treated, inputs: MappingInputs) -> pd.DataFrame:
+    config = metadata.arms()
+    index = subjid.index
+    armcd = pd.Series(pd.NA, index=index, dtype="str")
+    armname = pd.Series(pd.NA, index=index, dtype="str")
+    for row in config["escalation"]:
+        match = phase.eq("ESCALATION") & cohort.eq(str(row["cohort"]))
+        armcd = armcd.where(~match.fillna(False), row["armcd"])
+        armname = armname.where(~match.fillna(False), row["arm"])
+    expansion = phase.eq("EXPANSION").fillna(False)
+    if inputs.zone == "blinded":
+        masked = config["expansion"]["blinded"]
+        armcd = armcd.where(~expansion, masked["armcd"])
+        armname = armname.where(~expansion, masked["arm"])
+    else:
+        group = subjid.map(inputs.randomization.set_index("SUBJID")["TRTGRP"])
+        for trtgrp, row in config["expansion"]["unblinded"].items():
+            match = expansion & group.eq(trtgrp).fillna(False)
+            armcd = armcd.where(~match, row["armcd"])
+            armname = armname.where(~match, row["arm"])
+    screen_failure = enrolled.eq("N").fillna(False)
+    reasons = config["armnrs"]
+    armnrs = pd.Series(pd.NA, index=index, dtype="str")
+    armnrs = armnrs.where(~(armcd.isna() & ~screen_failure), reasons["not_assigned"])
+    armnrs = armnrs.where(~(armcd.notna() & ~treated), reasons["not_treated"])
+    armnrs = armnrs.where(~screen_failure, reasons["screen_failure"])
+    armcd = armcd.where(~screen_failure)
+    armname = armname.where(~screen_failure)
+    actual = armcd.notna() & treated
+    return pd.DataFrame({
+        "ARMCD": armcd, "ARM": armname, "ACTARMCD": armcd.where(actual), "ACTARM": armname.where(actual),
+        "ARMNRS": armnrs, "ACTARMUD": pd.Series(pd.NA, index=index, dtype="str"),
+    })
+
+
+def treatment_name(work: Work, spec: dict) -> pd.Series:
+    subjid, phase = work.sources(spec)
+    config = metadata.arms()
+    phase = codelists.recode(phase, "PHASE")
+    out = pd.Series(config["escalation_extrt"], index=subjid.index, dtype="str").where(phase.eq("ESCALATION"))
+    expansion = phase.eq("EXPANSION").fillna(False)
+    if work.inputs.zone == "blinded":
+        return out.where(~expansion, config["expansion"]["blinded"]["extrt"])
+    group = subjid.map(work.inputs.randomization.set_index("SUBJID")["TRTGRP"])
+    names = {k: v["extrt"] for k, v in config["expansion"]["unblinded"].items()}
+    return out.where(~expansion, group.map(names)).astype("str")
+
+
+def dose(work: Work, spec: dict) -> pd.Series:
+    """Escalation: the label's particles. Expansion: null when blinded, the IWRS dose when not."""
+    subjid, phase, label = work.sources(spec)
+    phase = codelists.recode(phase, "PHASE")
+    out = dose_particles(label).where(phase.eq("ESCALATION"))
+    if work.inputs.zone == "unblinded":
+        planned = subjid.map(work.inputs.randomization.set_index("SUBJID")["DOSE"])
+        out = out.where(~phase.eq("EXPANSION").fillna(False), planned)
+    return out.astype("float64")
+
+
+def visit_attribute(work: Work, spec: dict) -> pd.Series:
+    (visit,) = work.sources(spec)
+    table = {v["visit"]: v.get(spec["attribute"]) for v in metadata.visits()["visits"]}
+    return _text(visit.map(table))
+
+
+def visit_number_algorithm(work: Work, spec: dict) -> pd.Series:
+    subjid, visit, dtc = work.sources(spec)
+    return visit_number(subjid, visit, dtc, work.inputs.unscheduled_visits)
+
+
+def visit_name_algorithm(work: Work, spec: dict) -> pd.Series:
+    visit, visitnum = work.sources(spec)
+    return visit_name(visit, visitnum)
+
+
+def epoch_algorithm(work: Work, spec: dict) -> pd.Series:
+    dtc, first, last, complete = work.sources(spec)
+    return _text(epoch(dtc, first, last, complete.eq("Y")))
+
+
+def study_day_algorithm(work: Work, spec: dict) -> pd.Series:
+    dtc, reference = work.sources(spec)
+    return study_day(dtc, reference)
+
+
+def data_cutoff(work: Work, spec: dict) -> pd.Series:
+    transfer = work.frame["src_site"].astype("str") + "/" + work.frame["src_transfer"].astype("str")
+    cutoff = transfer.map(work.inputs.data_cutoff)
+    return _text(cutoff.where(work.condition(spec.get("when"))))
+
+
+def lab_test_code(work: Work, spec: dict) -> pd.Series:
+    (names,) = work.sources(spec)
+    return labs.lab_test_code(names)
+
+
+def lab_test_attribute(work: Work, spec: dict) -> pd.Series:
+    (codes,) = work.sources(spec)
+    return _text(labs.test_attribute(codes, spec["attribute"]))
+
+
+def lab_standard_result(work: Work, spec: dict) -> pd.Series:
+    key = ("lab_standard_result", tuple(spec["source"]))
+    if key not in work.cache:
+        work.cache[key] = labs.standard_results(*work.sources(spec))
+    return work.cache[key][spec["part"]]
+
+
+def baseline_flag(work: Work, spec: dict) -> pd.Series:
+    dtc, reference, result, status = work.sources(spec)
+    has_result = result.notna() & status.isna()
+    if "exclude_when_present" in spec:
+        has_result &= work.resolve(spec["exclude_when_present"]).isna()
+    frame = pd.DataFrame({"dtc": dtc, "ref": reference})
+    for column in spec["group"]:
+        frame[column] = work.resolve("$" + column)
+    return last_observation_before_exposure(frame, "dtc", "ref", has_result, spec["group"])
+
+
+ALGORITHMS: dict[str, Callable[[Work, dict], pd.Series]] = {
+    "hardcode": hardcode, "assign": assign, "copy": assign, "usubjid": usubjid,
+    "site_from_subjid": site_from_subjid, "iso8601": iso8601, "integer": integer, "integer_text": integer_text,
+    "number": number, "recode": recode, "subject_first": subject_first, "subject_last": subject_last,
+    "subject_flag": subject_flag, "arm": arm, "treatment_name": treatment_name, "dose": dose,
+    "visit_attribute": visit_attribute, "visit_number": visit_number_algorithm, "visit_name": visit_name_algorithm,
+    "epoch": epoch_algorithm, "study_day": study_day_algorithm, "data_cutoff": data_cutoff,
+    "lab_test_code": lab_test_code, "lab_test_attribute": lab_test_attribute,
+    "lab_standard_result": lab_standard_result, "baseline_flag": baseline_flag,
+}
+# Algorithms whose values come from the IWRS list in the unblinded zone (for lineage).
+UNBLINDED_SOURCES = {"arm": ["randomization.TRTGRP"], "treatment_name": ["randomization.TRTGRP"],
+                     "dose": ["randomization.DOSE"]}
+
+
+def derive(work: Work, spec: dict) -> pd.Series:
+    name = spec.get("algorithm")
+    if name == "sequence":
+        return pd.Series(pd.NA, index=work.frame.index, dtype="Int64")
+    if name not in ALGORITHMS:
+        raise MappingError(f"unknown algorithm {name!r}")
+    return ALGORITHMS[name](work, spec)
+
+
+# --- applying a whole mapping -----------------------------------------------------------------
+
+def typed(values: pd.Series, variable: dict) -> pd.Series:
+    kind = arrow_type(variable)
+    if kind == "int64":
+        return pd.to_numeric(values, errors="coerce").astype("Int64")
+    if kind == "float64":
+        return pd.to_numeric(values, errors="coerce").astype("float64")
+    return values.astype("str")
+
+
+def map_domain(mapping: dict, inputs: MappingInputs) -> MappedDomain:
+    """The SDTM records (and SUPP-- records) of one domain, sorted, sequenced and typed."""
+    schema = metadata.sdtm_schema(mapping["dataset"])
+    source = inputs.validated[mapping["source"]]
+    not_mapped = {}
+    if "filter" in mapping:
+        keep = Work(source, mapping["source"], inputs).condition(mapping["filter"]["where"])
+        dropped = int((~keep).sum())
+        if dropped:
+            not_mapped[mapping["filter"]["not_mapped"]] = dropped
+        source = source[keep.to_numpy()]
+    work = Work(source.reset_index(drop=True), mapping["source"], inputs)
+    for name, spec in mapping["variables"].items():
+        work.out[name] = derive(work, spec).reset_index(drop=True)
+    for name, spec in mapping.get("context", {}).items():
+        work.out[name] = derive(work, spec).reset_index(drop=True)
+
+    variables = schema["variables"]
+    missing = [v["name"] for v in variables if v["name"] not in work.out]
+    if missing:
+        raise MappingError(f"{mapping['dataset']}: no mapping for {', '.join(missing)}")
+    frame = pd.DataFrame({v["name"]: typed(work.out[v["name"]], v) for v in variables})
+    for name in mapping.get("context", {}):
+        frame[name] = work.out[name]
+    coordinates = [c for c in source.columns if c.startswith("src_")]
+    for column in coordinates:
+        frame[column] = work.frame[column].to_numpy()
+    frame["_row"] = np.arange(len(frame))
+    frame = sort_by_keys(frame, schema["keys"], ["src_site", "src_transfer", "src_row"])
+    sequence = [v["name"] for v in variables if mapping["variables"][v["name"]].get("algorithm") == "sequence"]
+    for name in sequence:
+        frame[name] = sequence_number(frame["USUBJID"])
+    supplemental = None
+    if "supplemental" in mapping:
+        supplemental = _supplemental(mapping, work, frame)
+    return MappedDomain(frame.drop(columns="_row"), supplemental, not_mapped)
+
+
+def _supplemental(mapping: dict, work: Work, frame: pd.DataFrame) -> pd.DataFrame:
+    """SUPP-- records for the sorted parent; IDVARVAL is the parent's --SEQ (null for DM)."""
+    config = mapping["supplemental"]
+    order = frame["_row"].to_numpy()
+    idvar = config.get("idvar")
+    pieces = []
+    for qualifier in config["qualifiers"]:
+        value = derive(work, qualifier["value"]).reset_index(drop=True).to_numpy()[order]
+        piece = pd.DataFrame({
+            "STUDYID": frame["STUDYID"], "RDOMAIN": config["rdomain"], "USUBJID": frame["USUBJID"],
+            "IDVAR": idvar, "IDVARVAL": frame[idvar].astype("str") if idvar else None,
+            "QNAM": qualifier["qnam"], "QLABEL": qualifier["qlabel"], "QVAL": value,
+            "QORIG": qualifier["qorig"], "QEVAL": qualifier.get("qeval"),
+        })
+        for column in [c for c in frame.columns if c.startswith("src_")]:
+            piece[column] = frame[column]
+        pieces.append(piece[pd.notna(value)])
+    schema = metadata.sdtm_schema("supp")
+    supp = pd.concat(pieces, ignore_index=True)
+    supp = pd.DataFrame({**{v["name"]: typed(supp[v["name"]], v) for v in schema["variables"]},
+                         **{c: supp[c] for c in supp.columns if c.startswith("src_")}})
+    return sort_by_keys(supp, schema["keys"])
+
+
+def column_lineage(mapping: dict, zone: str) -> dict[str, list[tuple[str, str]]]:
+    """For each SDTM variable, the (raw file or sdtm/dm, column) pairs it is derived from."""
+    primary = mapping["source"]
+    resolved: dict[str, list[tuple[str, str]]] = {}
+
+    def refs(spec: dict, file: str) -> list[tuple[str, str]]:
+        out = []
+        source = spec.get("source", [])
+        for reference in [source] if isinstance(source, str) else source:
+            if reference.startswith("$"):
+                out += resolved.get(reference[1:], [])
+            elif "." in reference:
+                prefix, column = reference.split(".", 1)
+                out.append(("sdtm/dm" if prefix == "dm" and primary != "dm" else prefix, column))
+            else:
+                out.append((file, reference))
+        files = spec.get("from")
+        files = files if isinstance(files, list) else ([files] if files else [])
+        values = spec.get("value")
+        values = values if isinstance(values, list) else [values] * len(files)
+        for other, value in zip(files, values):
+            out += refs(value or {}, other)
+            out += [(other, column) for column in (spec.get("where") or {})]
+        if not files and isinstance(spec.get("value"), dict):
+            out += refs(spec["value"], file)
+        out += [(file, c) if "." not in c else tuple(c.split(".", 1)) for c in (spec.get("when") or {})]
+        if "default" in spec:
+            out += refs(spec["default"], file)
+        if zone == "unblinded":
+            out += [tuple(r.split(".", 1)) for r in UNBLINDED_SOURCES.get(spec.get("algorithm"), [])]
+        return out
+
+    for name, spec in [*mapping["variables"].items(), *mapping.get("context", {}).items()]:
+        resolved[name] = sorted(set(refs(spec, primary)))
+    return resolved

@@ -1,0 +1,95 @@
+"""Loads the declarative study metadata (`schemas/`) and mappings (`mappings/`).
+
+They are data, read once per process; every rule, codelist, unit and mapping the code applies
+comes from here, so a protocol amendment or a new lab unit is an edit to a YAML file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def metadata_root() -> Path:
+    """Where `schemas/` and `mappings/` live: the project root, or MESAE_METADATA_ROOT."""
+    return Path(os.environ.get("MESAE_METADATA_ROOT", PROJECT_ROOT))
+
+
+@lru_cache(maxsize=None)
+def load_yaml(relative: str) -> dict:
+    path = metadata_root() / relative
+    with path.open(encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def study() -> dict:
+    return load_yaml("schemas/study.yaml")
+
+
+def codelists() -> dict:
+    return load_yaml("schemas/terminology/codelists.yaml")
+
+
+def lab_tests() -> dict:
+    return load_yaml("schemas/terminology/lab_tests.yaml")
+
+
+def visits() -> dict:
+    return load_yaml("schemas/terminology/visits.yaml")
+
+
+def arms() -> dict:
+    return load_yaml("schemas/terminology/arms.yaml")
+
+
+def rules() -> dict:
+    return load_yaml("schemas/rules.yaml")["rules"]
+
+
+def protocol() -> dict:
+    return load_yaml("schemas/protocol.yaml")
+
+
+RAW_FILES = ("dm", "enrol", "ex", "ae", "lb", "mrs")
+
+
+def raw_schema(name: str) -> dict:
+    return load_yaml(f"schemas/raw/{name}.yaml")
+
+
+def sdtm_schema(dataset: str) -> dict:
+    return load_yaml(f"schemas/sdtm/{dataset}.yaml")
+
+
+def mapping(domain: str) -> dict:
+    return load_yaml(f"mappings/{domain}.yaml")
+
+
+def mapping_domains() -> list[str]:
+    return sorted(p.stem for p in (metadata_root() / "mappings").glob("*.yaml"))
+
+
+def files_digest(paths: list[Path], base: Path | None = None) -> str:
+    """sha256 over the files' names and bytes, in the order given: a content version."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update((path.relative_to(base) if base else Path(path.name)).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def code_version() -> str:
+    """Version of everything that decides the outputs: package code, schemas and mappings."""
+    root = metadata_root()
+    from pipeline import __version__
+
+    code = sorted(PROJECT_ROOT.joinpath("pipeline").rglob("*.py"))
+    data = sorted([*root.joinpath("schemas").rglob("*.yaml"), *root.joinpath("mappings").rglob("*.yaml")])
+    return f"{__version__}+{files_digest(code, PROJECT_ROOT)[:8]}{files_digest(data, root)[:8]}"

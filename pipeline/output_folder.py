@@ -1,0 +1,204 @@
+"""The output folder: one blinding zone, one writer at a time, atomic publication.
+
+Layout (what readers use is the contract's layout; the rest is ours):
+
+    <output>/sdtm -> current/sdtm           quarantine.parquet, transfers.parquet, run.json,
+    <output>/current -> .mesae/releases/R   lineage/ and reports/ likewise point into current
+    <output>/.mesae/zone                    blinded | unblinded, written by the first run
+    <output>/.mesae/lock                    flock'ed by the run that writes
+    <output>/.mesae/staging/<run>/          a run's outputs while it writes them
+    <output>/.mesae/releases/<run>/         published sets; the current one and the one before
+    <output>/.mesae/assets/                 Dagster's stored asset values (Arrow IPC)
+
+A run writes everything into its staging folder, renames it into `releases/`, then swaps the
+`current` symlink with one atomic rename: a reader sees the old set or the new set, never a mix
+(to read several files of one set, resolve `current` once). A run killed at any point leaves the
+previous set untouched; the next run removes the leftovers.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ZONES = ("blinded", "unblinded")
+PUBLISHED_ENTRIES = ("sdtm", "quarantine.parquet", "transfers.parquet", "run.json", "lineage", "reports")
+STATE = ".mesae"
+
+
+class OutputFolderError(Exception):
+    """The output folder cannot be used for this run (wrong zone, not ours, not writable)."""
+
+
+class OutputFolderBusy(Exception):
+    """Another run holds the output folder's lock."""
+
+
+class OutputFolder:
+    def __init__(self, root: Path, zone: str):
+        if zone not in ZONES:
+            raise ValueError(f"zone must be one of {ZONES}, not {zone!r}")
+        self.root = Path(root)
+        self.zone = zone
+        self.state = self.root / STATE
+        self._lock_handle = None
+
+    # --- zone ----------------------------------------------------------------------------
+    def recorded_zone(self) -> str | None:
+        """The zone this folder belongs to, from its marker or its published run.json."""
+        marker = self.state / "zone"
+        if marker.is_file():
+            return marker.read_text(encoding="utf-8").strip()
+        summary = self.root / "run.json"
+        if summary.is_file():
+            try:
+                return json.loads(summary.read_text(encoding="utf-8")).get("zone")
+            except (OSError, ValueError):
+                return None
+        return None
+
+    def check(self, exports: Path) -> None:
+        """Refuses a folder of the other zone, inside the exports root, or holding foreign files."""
+        root, exports = self.root.resolve(), Path(exports).resolve()
+        if root == exports or exports in root.parents:
+            raise OutputFolderError(f"output folder {self.root} is inside the exports folder {exports}; "
+                                    "the pipeline never writes there")
+        recorded = self.recorded_zone()
+        if recorded is not None and recorded != self.zone:
+            raise OutputFolderError(
+                f"output folder {self.root} holds {recorded} outputs; a {self.zone} run never writes there "
+                f"(use another --output folder)")
+        for entry in PUBLISHED_ENTRIES:
+            path = self.root / entry
+            if (path.exists() or path.is_symlink()) and not path.is_symlink():
+                raise OutputFolderError(f"{path} exists and was not written by mesae; move it away or use another --output")
+        if self.root.exists() and not os.access(self.root, os.W_OK | os.X_OK):
+            raise OutputFolderError(f"output folder {self.root} is not writable")
+
+    def claim(self) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        marker = self.state / "zone"
+        if not marker.exists():
+            _write_atomically(marker, self.zone.encode())
+
+    # --- single writer -------------------------------------------------------------------
+    @contextmanager
+    def locked(self, timeout_seconds: float):
+        self.acquire(timeout_seconds)
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def acquire(self, timeout_seconds: float) -> None:
+        """Waits up to `timeout_seconds` for the folder's lock; OutputFolderBusy after that."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        handle = open(self.state / "lock", "a+", encoding="utf-8")
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    handle.close()
+                    raise OutputFolderBusy(
+                        f"output folder {self.root} is being written by {holder}; waited {timeout_seconds:g} s "
+                        "(two runs never write the same folder; try again when it has finished)") from None
+                time.sleep(0.2)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+        handle.flush()
+        self._lock_handle = handle
+
+    def release(self) -> None:
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    # --- staging and publication ---------------------------------------------------------
+    @property
+    def asset_store(self) -> Path:
+        return asset_store(self.root)
+
+    def clean_leftovers(self) -> list[str]:
+        """Removes staging folders of runs that did not finish (call under the lock)."""
+        staging = self.state / "staging"
+        removed = []
+        if staging.is_dir():
+            for leftover in sorted(staging.iterdir()):
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed.append(leftover.name)
+        return removed
+
+    def new_staging(self, run_id: str) -> Path:
+        path = self.state / "staging" / run_id
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return path
+
+    def publish(self, staging: Path) -> Path:
+        """Moves a complete staging folder into place with one atomic symlink swap."""
+        releases = self.state / "releases"
+        releases.mkdir(parents=True, exist_ok=True)
+        release = releases / staging.name
+        if release.exists():
+            shutil.rmtree(release)
+        _fsync_tree(staging)
+        os.rename(staging, release)
+        previous = os.readlink(self.root / "current") if (self.root / "current").is_symlink() else None
+        link = self.root / f".current-{staging.name}"
+        if link.is_symlink():
+            link.unlink()
+        os.symlink(os.path.relpath(release, self.root), link)
+        os.replace(link, self.root / "current")
+        _fsync_dir(self.root)
+        for entry in PUBLISHED_ENTRIES:
+            path = self.root / entry
+            if not path.is_symlink():
+                os.symlink(os.path.join("current", entry), path)
+        keep = {release.name, Path(previous).name if previous else None}
+        for old in releases.iterdir():
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+        return release
+
+
+def asset_store(root: Path) -> Path:
+    """Where Dagster's asset values for this output folder live."""
+    return Path(root) / STATE / "assets"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            descriptor = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        _fsync_dir(Path(folder))

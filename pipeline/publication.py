@@ -1,0 +1,189 @@
+"""Writes one complete output set into staging, checks that every raw row is accounted for,
+and publishes it with one atomic swap (see output_folder.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import findings, metadata
+from pipeline.output_folder import OutputFolder
+from pipeline.sdtm_datasets import dataset_schema, sdtm_table, to_table, write
+
+QUARANTINE_LABELS = {
+    "SITEID": "Study Site Identifier", "TRANSFER": "Transfer Folder", "FILE": "Raw File",
+    "ROW": "Data Row in Raw File (1-based)", "SUBJID": "Subject Identifier for the Study", "RULE": "Rule Identifier",
+    "SEVERITY": "ERROR held back, WARNING mapped", "MESSAGE": "What, where, value and what was expected",
+}
+TRANSFER_LABELS = {
+    "SITEID": "Study Site Identifier", "TRANSFER": "Transfer Folder", "STATUS": "CURRENT, SUPERSEDED or REJECTED",
+    "REASON": "Why the Transfer Was Rejected", "EXPORTED_AT": "Export Time (manifest)", "FILES": "Number of Files",
+    "ROWS": "Number of Data Rows",
+}
+ELIGIBILITY_LABELS = {
+    "USUBJID": "Unique Subject Identifier", "SITEID": "Study Site Identifier", "RULE": "Rule Identifier",
+    "CRITERION": "Eligibility Criterion (registry)", "OBSERVED": "Observed Value", "FILE": "Raw File",
+    "ROW": "Data Row in Raw File (1-based)",
+}
+LINEAGE_LABELS = {
+    "USUBJID": "Unique Subject Identifier", "SEQ": "Sequence Number of the Record", "QNAM": "Qualifier Variable Name",
+    "SITEID": "Study Site Identifier", "TRANSFER": "Transfer Folder", "FILE": "Raw File",
+    "ROW": "Data Row in Raw File (1-based)", "SHA256": "sha256 of the Raw File",
+}
+
+
+class AccountingError(RuntimeError):
+    """Row accounting does not close: a raw row would be lost. A pipeline bug; nothing is published."""
+
+
+def _variables(labels: dict[str, str], types: dict[str, str] | None = None) -> list[dict]:
+    types = types or {}
+    return [{"name": n, "label": l, "type": "Char", "arrow": types.get(n, "string")} for n, l in labels.items()]
+
+
+def _labelled(frame: pd.DataFrame, labels: dict[str, str], label: str, types: dict[str, str]) -> "pa.Table":  # noqa: F821
+    return to_table(frame, _variables(labels, types), {"label": label, "studyid": metadata.study()["studyid"]})
+
+
+def lineage_frame(dataset: str, frame: pd.DataFrame, sha: dict[tuple, str]) -> pd.DataFrame:
+    """Keys of each SDTM record and the raw row it came from, with that file's sha256."""
+    seq = next((c for c in frame.columns if c.endswith("SEQ") and not c.startswith("src_")), None)
+    out = pd.DataFrame({"USUBJID": frame["USUBJID"]})
+    if dataset.startswith("supp"):
+        out["SEQ"] = pd.to_numeric(frame["IDVARVAL"], errors="coerce").astype("Int64")
+        out["QNAM"] = frame["QNAM"]
+    else:
+        out["SEQ"] = frame[seq] if seq else pd.Series(pd.NA, index=frame.index, dtype="Int64")
+    out["SITEID"] = frame["src_site"].astype("str")
+    out["TRANSFER"] = frame["src_transfer"].astype("str")
+    out["FILE"] = frame["src_file"].astype("str")
+    out["ROW"] = frame["src_row"].astype("int64")
+    keys = pd.Series(list(zip(out["SITEID"], out["TRANSFER"], out["FILE"])), index=out.index)
+    out["SHA256"] = keys.map(sha).astype("str")
+    return out
+
+
+def accounting(sdtm: dict[str, pd.DataFrame], quarantine: pd.DataFrame, inventory: pd.DataFrame,
+               randomization: tuple[int, int] | None) -> tuple[dict, dict]:
+    """rows per file (read, mapped, held_back, not_mapped) and not-mapped reasons; raises
+    AccountingError when read != mapped + held_back + not_mapped or SDTM disagrees."""
+    current = inventory[inventory["STATUS"] == "CURRENT"]
+    read: dict[str, int] = {}
+    for counts in current["file_rows"]:
+        for file, n in json.loads(counts).items():
+            read[file] = read.get(file, 0) + n
+    errors = quarantine[(quarantine["SEVERITY"] == "ERROR") & quarantine["ROW"].notna()]
+    held = errors.drop_duplicates(["SITEID", "TRANSFER", "FILE", "ROW"]).groupby("FILE").size().to_dict()
+    reasons: dict[str, dict[str, int]] = {}
+    expected_mapped: dict[str, int] = {}
+    for dataset, frame in sdtm.items():
+        source = frame.attrs.get("source_file")
+        if dataset.startswith("supp") or source is None:
+            continue
+        for reason, n in frame.attrs.get("not_mapped", {}).items():
+            reasons.setdefault(source, {})[reason] = reasons.get(source, {}).get(reason, 0) + n
+        expected_mapped[source] = len(frame)
+        for joined in metadata.mapping(dataset).get("join", []):
+            expected_mapped[metadata.raw_schema(joined)["file"]] = len(frame)
+    if randomization is not None:
+        read["randomization.csv"], expected_mapped["randomization.csv"] = randomization
+    rows = {}
+    for file in sorted(set(read) | set(expected_mapped)):
+        not_mapped = sum(reasons.get(file, {}).values())
+        entry = {"read": read.get(file, 0), "held_back": int(held.get(file, 0)), "not_mapped": not_mapped}
+        entry["mapped"] = entry["read"] - entry["held_back"] - not_mapped
+        if file in expected_mapped and entry["mapped"] != expected_mapped[file]:
+            raise AccountingError(
+                f"row accounting does not close for {file}: read {entry['read']} - held back {entry['held_back']} - "
+                f"not mapped {not_mapped} = {entry['mapped']}, but SDTM has {expected_mapped[file]} records from it")
+        rows[file] = {k: entry[k] for k in ("read", "mapped", "held_back", "not_mapped")}
+    return rows, reasons
+
+
+def traceability_html(matrix: pd.DataFrame, records: dict[str, int], summary: dict, run_url: str) -> str:
+    """A page an auditor opens without code: each variable, its sources and algorithm."""
+    def table(frame: pd.DataFrame) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape('' if pd.isna(v) else str(v))}</td>" for v in row) + "</tr>"
+                       for row in frame.itertuples(index=False))
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    counts = pd.DataFrame([{"dataset": k.upper(), "records": v} for k, v in records.items()])
+    rows = pd.DataFrame([{"file": f, **v} for f, v in summary["rows"].items()])
+    sections = [f"<h2 id='{html.escape(d)}'>{html.escape(d)}</h2>" + table(g.drop(columns="DATASET"))
+                for d, g in matrix.groupby("DATASET", sort=False)]
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>MESAE SDTM traceability</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}th{background:#eee}</style>"
+            "</head><body><h1>MESAE SDTM traceability</h1>"
+            f"<p>Zone: <b>{html.escape(summary['zone'])}</b>. Code version {html.escape(summary['code_version'])}. "
+            f"Dagster run: <a href='{html.escape(run_url)}'>{html.escape(run_url)}</a>. "
+            "Row-level lineage: <code>lineage/&lt;dataset&gt;.parquet</code> or "
+            "<code>mesae trace USUBJID DOMAIN SEQ</code>.</p>"
+            "<h2>Records per dataset</h2>" + table(counts) + "<h2>Raw rows accounted for</h2>" + table(rows)
+            + "".join(sections) + "</body></html>")
+
+
+def publish_outputs(folder: OutputFolder, run_id: str, sdtm: dict[str, pd.DataFrame], quarantine: pd.DataFrame,
+                    inventory: pd.DataFrame, eligibility: pd.DataFrame, traceability: pd.DataFrame,
+                    randomization: tuple[int, int] | None, finished_at: datetime) -> tuple[dict, pd.DataFrame]:
+    """`randomization` is (rows read, rows used) of the IWRS list in the unblinded zone."""
+    rows, reasons = accounting(sdtm, quarantine, inventory, randomization)
+    staging = folder.new_staging(run_id)
+    current = inventory[inventory["STATUS"] == "CURRENT"]
+    sha: dict[tuple, str] = {}
+    inputs = {}
+    for transfer in current.itertuples(index=False):
+        shas = json.loads(transfer.file_sha256)
+        inputs[transfer.SITEID] = {"transfer": transfer.TRANSFER, "sha256": dict(sorted(shas.items()))}
+        sha.update({(transfer.SITEID, transfer.TRANSFER, f): s for f, s in shas.items()})
+
+    written: list[Path] = []
+    for dataset, frame in sdtm.items():
+        path = staging / "sdtm" / f"{dataset}.parquet"
+        write(sdtm_table(dataset, frame), path)
+        written.append(path)
+        path = staging / "lineage" / f"{dataset}.parquet"
+        types = {"SEQ": "int64", "ROW": "int64"}
+        labels = {k: v for k, v in LINEAGE_LABELS.items() if k != "QNAM" or dataset.startswith("supp")}
+        write(_labelled(lineage_frame(dataset, frame, sha), labels, f"Row-level lineage of {dataset.upper()}", types), path)
+        written.append(path)
+    write(_labelled(findings.normalize(quarantine), QUARANTINE_LABELS, "Quarantine", {"ROW": "int64"}),
+          staging / "quarantine.parquet")
+    write(_labelled(inventory[list(TRANSFER_LABELS)], TRANSFER_LABELS, "Transfers",
+                    {"FILES": "int64", "ROWS": "int64"}), staging / "transfers.parquet")
+    write(_labelled(eligibility, ELIGIBILITY_LABELS, "Eligibility deviations", {"ROW": "int64"}),
+          staging / "reports" / "eligibility_deviations.parquet")
+    written += [staging / "quarantine.parquet", staging / "transfers.parquet",
+                staging / "reports" / "eligibility_deviations.parquet"]
+
+    records = {d: len(f) for d, f in sdtm.items()}
+    summary = {
+        "zone": folder.zone, "studyid": metadata.study()["studyid"], "inputs": dict(sorted(inputs.items())),
+        "rows": rows, "not_mapped_reasons": {f: dict(sorted(r.items())) for f, r in sorted(reasons.items())},
+        "code_version": metadata.code_version(), "finished_at": finished_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "run_id": run_id, "records": records,
+        "subjects": int(sdtm["dm"]["USUBJID"].nunique()) if "dm" in sdtm else 0,
+        "held_back": int(sum(r["held_back"] for r in rows.values())),
+        "transfers": inventory["STATUS"].value_counts().sort_index().to_dict(),
+        "findings_by_rule": quarantine.groupby(["RULE", "SEVERITY"]).size().rename("n").reset_index()
+        .to_dict(orient="records"),
+        "findings_by_site": quarantine.fillna({"SITEID": "(none)"}).groupby(["SITEID", "SEVERITY"]).size()
+        .rename("n").reset_index().to_dict(orient="records"),
+    }
+    page = traceability_html(traceability, records, summary, f"/runs/{run_id}")
+    (staging / "reports").mkdir(parents=True, exist_ok=True)
+    (staging / "reports" / "traceability.html").write_text(page, encoding="utf-8")
+    (staging / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    written += [staging / "reports" / "traceability.html", staging / "run.json"]
+    release = folder.publish(staging)
+    listing = pd.DataFrame([{
+        "path": p.relative_to(staging).as_posix(),
+        "sha256": hashlib.sha256((release / p.relative_to(staging)).read_bytes()).hexdigest(),
+    } for p in written])
+    return summary, listing

@@ -1,0 +1,109 @@
+"""Dagster resources: where the exports and outputs are, which zone, and how asset values
+are stored between steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pyarrow as pa
+from pydantic import PrivateAttr
+
+from pipeline.output_folder import OutputFolder, asset_store
+from pipeline.transfers import ExportsRootError
+
+INSTANCE_ZONE_MARKER = "mesae-zone"
+
+
+class ZoneError(Exception):
+    """The Dagster instance or output folder belongs to the other blinding zone."""
+
+
+def check_instance_zone(instance_root: str | None, zone: str) -> None:
+    """A Dagster instance serves one zone, so a blinded run history never holds unblinded logs."""
+    if not instance_root:
+        return
+    marker = Path(instance_root) / INSTANCE_ZONE_MARKER
+    if marker.is_file():
+        recorded = marker.read_text(encoding="utf-8").strip()
+        if recorded != zone:
+            raise ZoneError(f"the Dagster instance at {instance_root} serves the {recorded} zone; "
+                            f"run the {zone} zone with its own DAGSTER_HOME")
+    else:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(zone, encoding="utf-8")
+
+
+class StudySettings(dg.ConfigurableResource):
+    """Exports root, output folder and blinding zone of a run; holds the output folder's lock
+    for the whole run (the job runs in one process)."""
+
+    exports_dir: str
+    output_dir: str
+    zone: str = "blinded"
+    lock_timeout_seconds: float = 30.0
+    _folder: OutputFolder | None = PrivateAttr(default=None)
+
+    @property
+    def exports(self) -> Path:
+        return Path(self.exports_dir)
+
+    @property
+    def output(self) -> OutputFolder:
+        return OutputFolder(Path(self.output_dir), self.zone)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if not self.exports.is_dir():
+            raise ExportsRootError(f"exports folder {self.exports} does not exist or is not a folder")
+        check_instance_zone(context.instance.root_directory if context.instance else None, self.zone)
+        folder = self.output
+        folder.check(self.exports)
+        folder.claim()
+        folder.acquire(self.lock_timeout_seconds)
+        removed = folder.clean_leftovers()
+        if removed and context.log:
+            context.log.info(f"removed leftovers of unfinished runs: {', '.join(removed)}")
+        self._folder = folder
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._folder is not None:
+            self._folder.release()
+            self._folder = None
+
+
+class ArrowFrameStore(dg.ConfigurableIOManager):
+    """Stores DataFrame asset values as Arrow IPC files in the output folder's state area.
+
+    Arrow IPC keeps dtypes (text, nullable integers, categories) and reads back memory-mapped,
+    so handing a million lab rows to the next step costs little; the files belong to the
+    output folder, hence to its blinding zone. `DataFrame.attrs` travel in the schema metadata.
+    """
+
+    output_dir: str
+
+    def _path(self, key: dg.AssetKey) -> Path:
+        return asset_store(Path(self.output_dir)).joinpath(*key.path).with_suffix(".arrow")
+
+    def handle_output(self, context: dg.OutputContext, obj: pd.DataFrame) -> None:
+        path = self._path(context.asset_key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pandas(obj, preserve_index=False)
+        attrs = json.dumps(obj.attrs, sort_keys=True, default=str).encode()
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"mesae_attrs": attrs})
+        temporary = path.with_suffix(".arrow.tmp")
+        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        temporary.replace(path)
+
+    def load_input(self, context: dg.InputContext) -> pd.DataFrame:
+        path = self._path(context.asset_key)
+        if not path.exists():
+            raise dg.Failure(f"{context.asset_key.to_user_string()} has not been materialized for this output "
+                             "folder yet; materialize it (or the whole job) first")
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_file(source).read_all()
+        frame = table.to_pandas()
+        frame.attrs = json.loads((table.schema.metadata or {}).get(b"mesae_attrs", b"{}"))
+        return frame

@@ -1,0 +1,59 @@
+"""Labelled, typed, deterministic Parquet files (pipeline-contract.md section 3).
+
+Column names are SDTM variable names in SDTMIG order; each field carries its label in the Arrow
+field metadata key `label`; the schema metadata carries the dataset `label`, `domain`, `studyid`
+and `keys`. No timestamps or run ids go inside, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import metadata
+
+ARROW_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64()}
+
+
+def arrow_type(variable: dict) -> str:
+    return variable.get("arrow") or ("string" if variable["type"] == "Char" else "float64")
+
+
+def dataset_schema(dataset: str) -> dict:
+    """The SDTM metadata of a dataset; SUPP-- datasets share `supp.yaml`."""
+    if dataset.startswith("supp"):
+        schema = dict(metadata.sdtm_schema("supp"))
+        rdomain = dataset[4:].upper()
+        schema.update(dataset=dataset, domain=f"SUPP{rdomain}", label=schema["label"].format(rdomain=rdomain))
+        return schema
+    return metadata.sdtm_schema(dataset)
+
+
+def to_table(frame: pd.DataFrame, variables: list[dict], table_metadata: dict[str, str]) -> pa.Table:
+    fields, arrays = [], []
+    for variable in variables:
+        kind = ARROW_TYPES[arrow_type(variable)]
+        values = frame[variable["name"]]
+        if kind == pa.string():
+            values = values.astype("str")
+        array = pa.array(values, type=kind, from_pandas=True)
+        fields.append(pa.field(variable["name"], kind, metadata={"label": variable["label"]}))
+        arrays.append(array)
+    schema = pa.schema(fields, metadata={k: str(v) for k, v in table_metadata.items()})
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def sdtm_table(dataset: str, frame: pd.DataFrame) -> pa.Table:
+    schema = dataset_schema(dataset)
+    return to_table(frame, schema["variables"], {
+        "label": schema["label"], "domain": schema["domain"], "studyid": metadata.study()["studyid"],
+        "keys": ",".join(schema["keys"]),
+    })
+
+
+def write(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, compression="zstd", use_dictionary=True, write_statistics=True)

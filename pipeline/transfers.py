@@ -1,0 +1,360 @@
+"""Raw ingest per the site data transfer specification (site-export-spec.md section 3 and 4).
+
+Finds `site-XX/<YYYYMMDDTHHMMSS>/` transfers, verifies each against its manifest, chooses per
+site the newest complete transfer as CURRENT (older complete ones SUPERSEDED, broken ones
+REJECTED with every reason found) and reads its CSV files as text with their coordinates.
+
+Nothing here writes, moves or locks anything under the exports root, and nothing lists or
+opens the `unblinded/` folder: only `site-XX` entries of the root are ever looked at.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from pipeline import findings, metadata
+
+SITE_FOLDER = re.compile(r"^site-(\d{2})$")
+TRANSFER_FOLDER = re.compile(r"^\d{8}T\d{6}$")
+ENCODINGS = {"utf-8": "utf-8", "gb18030": "gb18030"}
+SOURCE_COLUMNS = ["src_site", "src_transfer", "src_file", "src_row"]
+MANIFEST = "manifest.json"
+
+
+def spec_files() -> list[str]:
+    return [metadata.raw_schema(name)["file"] for name in metadata.RAW_FILES]
+
+
+@dataclass
+class RawFile:
+    """One CSV file of a transfer, read as text: spec columns upper-cased, empty fields null."""
+
+    name: str
+    sha256: str
+    rows: int
+    data: pd.DataFrame
+    findings: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Transfer:
+    site: str
+    name: str
+    path: Path
+    status: str = "PENDING"
+    exported_at: str | None = None
+    encoding: str | None = None
+    manifest_files: dict = field(default_factory=dict)
+    files: dict[str, RawFile] = field(default_factory=dict)
+    problems: list[dict] = field(default_factory=list)
+
+    @property
+    def reason(self) -> str | None:
+        return "; ".join(p["MESSAGE"] for p in self.problems if p["SEVERITY"] == "ERROR") or None
+
+    def problem(self, rule: str, file: str | None = None, **fields) -> None:
+        self.problems.append(findings.single(rule, site=self.site, transfer=self.name, file=file, **fields))
+
+
+class ExportsRootError(Exception):
+    """The exports root cannot be used at all (missing, not a folder, unreadable)."""
+
+
+def list_transfers(root: Path) -> list[Transfer]:
+    """Every transfer folder of every site, oldest first per site; nothing is read yet."""
+    if not root.exists():
+        raise ExportsRootError(f"exports folder {root} does not exist")
+    if not root.is_dir():
+        raise ExportsRootError(f"exports path {root} is not a folder")
+    try:
+        names = sorted(os.listdir(root))
+    except OSError as error:
+        raise ExportsRootError(f"exports folder {root} cannot be read: {error.strerror}") from None
+    transfers = []
+    for name in names:
+        match = SITE_FOLDER.match(name)
+        if not match or not (root / name).is_dir():
+            continue
+        site_dir = root / name
+        try:
+            entries = sorted(os.listdir(site_dir))
+        except OSError as error:
+            raise ExportsRootError(f"site folder {site_dir} cannot be read: {error.strerror}") from None
+        for entry in entries:
+            if (site_dir / entry).is_dir():
+                transfers.append(Transfer(site=match.group(1), name=entry, path=site_dir / entry))
+    return transfers
+
+
+def _valid_folder_time(name: str) -> bool:
+    if not TRANSFER_FOLDER.match(name):
+        return False
+    try:
+        datetime.strptime(name, "%Y%m%dT%H%M%S")
+    except ValueError:
+        return False
+    return True
+
+
+def read_manifest(transfer: Transfer) -> bool:
+    """Reads and checks manifest.json; records problems; True when the files can be checked."""
+    if not _valid_folder_time(transfer.name):
+        transfer.problem("TRF-FOLDER", detail=transfer.name)
+        return False
+    path = transfer.path / MANIFEST
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except FileNotFoundError:
+        transfer.problem("TRF-MANIFEST", file=MANIFEST, detail="manifest.json is missing")
+        return False
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=f"not readable JSON ({error})")
+        return False
+    if not isinstance(manifest, dict):
+        transfer.problem("TRF-MANIFEST", file=MANIFEST, detail="expected a JSON object")
+        return False
+    missing = [k for k in ("site", "exported_at", "encoding", "files") if k not in manifest]
+    if missing:
+        transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=f"missing key(s) {', '.join(missing)}")
+        return False
+    if str(manifest["site"]) != transfer.site:
+        transfer.problem("TRF-SITE", file=MANIFEST, value=manifest["site"], expected=transfer.site)
+    if not isinstance(manifest["exported_at"], str):
+        transfer.problem("TRF-MANIFEST", file=MANIFEST, detail="exported_at is not a text timestamp")
+    else:
+        transfer.exported_at = manifest["exported_at"]
+    encoding = str(manifest["encoding"]).lower()
+    if encoding not in ENCODINGS:
+        transfer.problem("TRF-ENCODING", file=MANIFEST, value=manifest["encoding"])
+    else:
+        transfer.encoding = ENCODINGS[encoding]
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        transfer.problem("TRF-MANIFEST", file=MANIFEST, detail="files is not an object")
+        return False
+    for name, entry in files.items():
+        ok = (isinstance(entry, dict) and isinstance(entry.get("rows"), int) and not isinstance(entry.get("rows"), bool)
+              and entry["rows"] >= 0 and isinstance(entry.get("sha256"), str))
+        if not ok:
+            transfer.problem("TRF-MANIFEST", file=MANIFEST,
+                             detail=f"entry for {name} needs a whole number 'rows' and a text 'sha256'")
+    transfer.manifest_files = {n: e for n, e in files.items() if isinstance(e, dict)}
+    for name in spec_files():
+        if name not in files:
+            transfer.problem("TRF-MISSING-FILE", file=name, detail="not listed in manifest.json")
+    for name in files:
+        if not (transfer.path / name).is_file():
+            transfer.problem("TRF-MISSING-FILE", file=name, detail="listed in manifest.json but absent")
+    return not any(p["SEVERITY"] == "ERROR" for p in transfer.problems)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksums(transfer: Transfer) -> bool:
+    """Manifest and sha256 only: enough to call an older transfer complete (SUPERSEDED)."""
+    if not read_manifest(transfer):
+        return False
+    for name, entry in transfer.manifest_files.items():
+        actual = file_sha256(transfer.path / name)
+        if actual != str(entry.get("sha256", "")).lower():
+            transfer.problem("TRF-SHA256", file=name, value=actual, expected=entry.get("sha256"))
+    return not transfer.problems
+
+
+def load(transfer: Transfer) -> bool:
+    """Full verification and read of a transfer that is to become CURRENT."""
+    if not read_manifest(transfer):
+        return False
+    spec = {metadata.raw_schema(n)["file"]: n for n in metadata.RAW_FILES}
+    for name, entry in transfer.manifest_files.items():
+        data = (transfer.path / name).read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != str(entry.get("sha256", "")).lower():
+            transfer.problem("TRF-SHA256", file=name, value=actual, expected=entry.get("sha256"))
+            continue
+        if name not in spec:
+            transfer.problem("TRF-EXTRA-FILE", file=name)
+            continue
+        raw = read_csv_file(transfer, name, data, metadata.raw_schema(spec[name]))
+        if raw is None:
+            continue
+        if raw.rows != entry["rows"]:
+            transfer.problem("TRF-ROWS", file=name, value=raw.rows, expected=entry["rows"])
+            continue
+        transfer.files[name] = raw
+    for extra in sorted(set(os.listdir(transfer.path)) - set(transfer.manifest_files) - {MANIFEST}):
+        transfer.problem("TRF-EXTRA-FILE", file=extra)
+    return not any(p["SEVERITY"] == "ERROR" for p in transfer.problems)
+
+
+def decode(transfer: Transfer, name: str, data: bytes) -> bytes | None:
+    """UTF-8 bytes (BOM removed) of a file in the transfer's declared encoding, or None."""
+    encoding = transfer.encoding
+    try:
+        if encoding == "utf-8":
+            body = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+            body.decode("utf-8")
+            return body
+        text = data.decode(encoding)
+        return text.lstrip("\ufeff").encode("utf-8")
+    except UnicodeDecodeError as error:
+        transfer.problem("TRF-DECODE", file=name, expected=encoding,
+                         detail=f"byte {error.start} ({data[error.start:error.start + 4]!r}) {error.reason}")
+        return None
+
+
+def read_csv_file(transfer: Transfer, name: str, data: bytes, schema: dict) -> RawFile | None:
+    """Parses one file; None (with the transfer problem recorded) when it cannot be used."""
+    body = decode(transfer, name, data)
+    if body is None:
+        return None
+    try:
+        header, columns, ragged = _parse(body)
+    except (csv.Error, ValueError) as error:
+        transfer.problem("TRF-CSV", file=name, detail=str(error))
+        return None
+    if header is None:
+        transfer.problem("TRF-CSV", file=name, detail="the file is empty; expected at least the header row")
+        return None
+    names = [h.strip().upper() for h in header]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        transfer.problem("TRF-COLUMNS", file=name, detail=f"column(s) {', '.join(duplicated)} appear more than once")
+        return None
+    expected = schema["columns"]
+    missing = [c for c, spec in expected.items() if spec.get("required") and c not in names]
+    if missing:
+        transfer.problem("TRF-COLUMNS", file=name,
+                         detail=f"required column(s) {', '.join(missing)} missing; header is {', '.join(header)}")
+        return None
+    raw = RawFile(name=name, sha256=hashlib.sha256(data).hexdigest(), rows=len(columns[0]) if columns else 0,
+                  data=pd.DataFrame())
+    for extra in [n for n in names if n not in expected]:
+        raw.findings.append(findings.single("RAW-EXTRA-COLUMN", site=transfer.site, transfer=transfer.name,
+                                            file=name, column=extra))
+    count = raw.rows
+    frame = {c: columns[names.index(c)] if c in names else pa.nulls(count, pa.string()) for c in expected}
+    out = pa.table(frame).to_pandas()
+    coordinates = pd.DataFrame({
+        "src_site": pd.Categorical([transfer.site] * count),
+        "src_transfer": pd.Categorical([transfer.name] * count),
+        "src_file": pd.Categorical([name] * count),
+        "src_row": pd.Series(range(1, count + 1), dtype="int64"),
+        "src_ragged": pd.Series(False, index=range(count)),
+    })
+    out = pd.concat([coordinates, out], axis=1)
+    for row, fields in ragged:
+        out.loc[row - 1, "src_ragged"] = True
+        raw.findings.append(findings.single("RAW-FIELD-COUNT", site=transfer.site, transfer=transfer.name, file=name,
+                                            row=row, value=fields, expected=len(header)))
+    raw.data = out
+    return raw
+
+
+_READ = pacsv.ReadOptions(autogenerate_column_names=True, block_size=1 << 24)
+_PARSE = pacsv.ParseOptions(newlines_in_values=True)
+
+
+def _parse(body: bytes) -> tuple[list[str] | None, list[pa.Array], list[tuple[int, int]]]:
+    """Header, one text array per header column, and the ragged records (row, field count).
+
+    The fast path is Arrow's CSV reader; a file it refuses (records with the wrong number of
+    fields) is read again with Python's csv module, which keeps every record and its number.
+    """
+    if not body.strip(b"\r\n"):
+        return None, [], []
+    width = _header_width(body)
+    convert = pacsv.ConvertOptions(
+        column_types={f"f{i}": pa.string() for i in range(width)},
+        null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=True,
+    )
+    try:
+        table = pacsv.read_csv(io.BytesIO(body), read_options=_READ, parse_options=_PARSE, convert_options=convert)
+    except pa.ArrowInvalid:
+        return _parse_python(body)
+    if table.num_columns != width:
+        return _parse_python(body)
+    header = [str(v) if v is not None else "" for v in table.slice(0, 1).to_pylist()[0].values()]
+    columns = [table.column(i).slice(1).combine_chunks() for i in range(width)]
+    return header, columns, []
+
+
+def _header_width(body: bytes) -> int:
+    first = next(csv.reader(io.StringIO(body[: 1 << 16].decode("utf-8", errors="replace"), newline="")), [])
+    return max(len(first), 1)
+
+
+def _parse_python(body: bytes) -> tuple[list[str] | None, list[pa.Array], list[tuple[int, int]]]:
+    reader = csv.reader(io.StringIO(body.decode("utf-8"), newline=""), strict=True)
+    records = [r for r in reader if r]
+    if not records:
+        return None, [], []
+    header, data = records[0], records[1:]
+    width = len(header)
+    ragged = [(i + 1, len(r)) for i, r in enumerate(data) if len(r) != width]
+    padded = [(r + [""] * width)[:width] if len(r) != width else r for r in data]
+    columns = [pa.array([r[i] or None for r in padded], type=pa.string()) for i in range(width)]
+    return header, columns, ragged
+
+
+def select_current(transfers: list[Transfer]) -> list[Transfer]:
+    """Status of every transfer; per site the newest complete one is fully read and CURRENT."""
+    by_site: dict[str, list[Transfer]] = {}
+    for transfer in transfers:
+        by_site.setdefault(transfer.site, []).append(transfer)
+    for site_transfers in by_site.values():
+        current_found = False
+        for transfer in sorted(site_transfers, key=lambda t: t.name, reverse=True):
+            if not current_found:
+                if load(transfer):
+                    transfer.status = "CURRENT"
+                    current_found = True
+                else:
+                    transfer.status = "REJECTED"
+                    transfer.files.clear()
+            else:
+                transfer.status = "SUPERSEDED" if verify_checksums(transfer) else "REJECTED"
+    return transfers
+
+
+class RandomizationFileError(Exception):
+    """unblinded/randomization.csv is missing or unreadable (unblinded zone only)."""
+
+
+RANDOMIZATION_PATH = ("unblinded", "randomization.csv")
+
+
+def read_randomization(root: Path) -> tuple[pd.DataFrame, list[dict]]:
+    """The IWRS list as text with coordinates (file randomization.csv, transfer `unblinded`).
+
+    Called only by the unblinded zone's definitions; the blinded ones have no code path here.
+    """
+    path = root.joinpath(*RANDOMIZATION_PATH)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise RandomizationFileError(f"{path} cannot be read: {error.strerror}") from None
+    source = Transfer(site=None, name="unblinded", path=path.parent, encoding="utf-8")
+    raw = read_csv_file(source, path.name, data, metadata.raw_schema("randomization"))
+    if raw is None:
+        raise RandomizationFileError("; ".join(p["MESSAGE"] for p in source.problems))
+    return raw.data, raw.findings

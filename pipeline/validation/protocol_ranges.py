@@ -1,0 +1,214 @@
+"""Protocol ranges from the registry record (schemas/protocol.yaml) as Pandera checks.
+
+Evaluated on the mapped data in standard units for ENROLLED subjects (screen failures are
+expected to miss criteria): a breach is a WARNING: the record is mapped and the deviation
+reported at the raw row that carries the value. Eligibility breaches also form the
+eligibility-deviation listing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+
+from pipeline import findings, metadata
+from pipeline.derivations.iso_dates import date_part, site_date_to_iso
+from pipeline.derivations.sequence import sort_by_keys
+from pipeline.derivations.visits import schedule
+
+SCREENING = "SCREENING"
+LISTING_COLUMNS = ["USUBJID", "SITEID", "RULE", "CRITERION", "OBSERVED", "FILE", "ROW"]
+
+
+@dataclass
+class ProtocolCheck:
+    item: dict
+    frame: str                                   # which prepared frame it looks at
+    breach: Callable[[pd.DataFrame], pd.Series]  # True where the protocol is not met
+    observed: Callable[[pd.DataFrame], pd.Series]
+
+
+def _fmt(values: pd.Series) -> pd.Series:
+    from pipeline.derivations.lab_unit_conversions import format_number
+
+    return format_number(values).fillna("")
+
+
+def _lab_checks(item: dict) -> ProtocolCheck:
+    test, kind = item["test"], item["kind"]
+
+    def rows(f):
+        return f["LBTESTCD"].eq(test)
+
+    def limit(f, base_key, anticoag_key):
+        base = pd.Series(float(item.get(base_key, np.nan)), index=f.index)
+        if anticoag_key in item:
+            base = base.where(~f["ctx_anticoag"].eq("Y").fillna(False), float(item[anticoag_key]))
+        return base
+
+    if kind == "lab_min":
+        breach = lambda f: rows(f) & (f["LBSTRESN"] < limit(f, "min", "min_on_anticoagulant"))  # noqa: E731
+    elif kind == "lab_max":
+        breach = lambda f: rows(f) & (f["LBSTRESN"] > limit(f, "max", "max_on_anticoagulant"))  # noqa: E731
+    elif kind == "lab_max_uln":
+        breach = lambda f: rows(f) & (f["LBSTRESN"] > limit(f, "max_uln", "max_uln_on_anticoagulant") * f["LBSTNRHI"])  # noqa: E731
+    elif kind == "lab_negative":
+        breach = lambda f: rows(f) & f["LBSTRESC"].eq("POSITIVE")  # noqa: E731
+    elif kind == "hbv_core_with_dna":
+        def breach(f):
+            detectable = f["LBTESTCD"].eq(item["dna_test"]) & (f["LBSTRESN"] > 0)
+            subjects = set(f.loc[detectable.fillna(False), "USUBJID"])
+            return rows(f) & f["LBSTRESC"].eq("POSITIVE") & f["USUBJID"].isin(subjects)
+    else:
+        raise ValueError(f"unknown lab criterion kind {kind}")
+
+    def observed(f):
+        value = f["LBSTRESC"].fillna("") + " " + f["LBSTRESU"].fillna("")
+        uln = np.where(f["LBSTNRHI"].notna(), " (ULN " + _fmt(f["LBSTNRHI"]) + ")", "")
+        anticoag = np.where(f["ctx_anticoag"].eq("Y").fillna(False), ", on anticoagulant", "")
+        return "screening " + f["LBTESTCD"] + " = " + value.str.strip() + uln + anticoag
+
+    return ProtocolCheck(item, "lb", lambda f: breach(f).fillna(False).astype(bool), observed)
+
+
+def build_checks() -> list[ProtocolCheck]:
+    config = metadata.protocol()
+    checks = []
+    for item in config["eligibility"]:
+        kind = item["kind"]
+        if kind == "range":
+            checks.append(ProtocolCheck(
+                item, item["source"],
+                lambda f, i=item: ~pd.to_numeric(f[i["column"]], errors="coerce").between(i["min"], i["max"]).fillna(True),
+                lambda f, i=item: i["column"] + " = " + f[i["column"]].astype("str")))
+        elif kind == "mrs":
+            def breach(f, i=item):
+                pre = f["QSEVINTX"].eq("PRE-MORBID").fillna(False)
+                selected = pre if i["mrstype"] == "PRE-MORBID" else ~pre
+                low = f["QSSTRESN"] < i.get("min", -np.inf)
+                high = f["QSSTRESN"] > i.get("max", np.inf)
+                return (selected & (low | high)).fillna(False)
+            checks.append(ProtocolCheck(item, "qs", breach, lambda f, i=item: (
+                "screening " + ("pre-morbid" if i["mrstype"] == "PRE-MORBID" else "current") + " mRS = "
+                + f["QSORRES"].astype("str"))))
+        elif kind == "diagnosis_delay":
+            def breach(f, i=item):
+                onset, diagnosis = date_part(site_date_to_iso(f["ONSETDAT"])), date_part(site_date_to_iso(f["DIAGDAT"]))
+                latest = onset + pd.DateOffset(months=i["max_months"])
+                return (diagnosis > latest).fillna(False)
+            checks.append(ProtocolCheck(item, "enrol", breach, lambda f: (
+                "onset " + site_date_to_iso(f["ONSETDAT"]).fillna("?") + ", diagnosis "
+                + site_date_to_iso(f["DIAGDAT"]).fillna("?"))))
+        elif kind == "antibody_positive":
+            checks.append(ProtocolCheck(
+                item, "enrol_antibody", lambda f: ~f["USUBJID"].isin(f.attrs["antibody_positive"]),
+                lambda f, i=item: pd.Series("no positive " + " / ".join(i["tests"]) + " result at screening",
+                                            index=f.index)))
+        else:
+            checks.append(_lab_checks(item))
+    for item in config["conduct"]:
+        if item["kind"] == "dose_window":
+            checks.append(ProtocolCheck(item, "ex", _outside_window, _window_observed))
+        elif item["kind"] == "cohort_dose":
+            checks.append(ProtocolCheck(item, "ex", _wrong_cohort_dose, lambda f: (
+                "cohort " + f["ctx_cohort"].astype("str") + " dose " + _fmt(f["EXDOSE"]) + " particles, planned "
+                + _fmt(f["ctx_planned_dose"]))))
+    return checks
+
+
+def _windows() -> pd.DataFrame:
+    table = schedule()
+    return pd.DataFrame({"VISIT": table["visit"], "low": table["window"].str[0], "high": table["window"].str[1]})
+
+
+def _outside_window(f: pd.DataFrame) -> pd.Series:
+    windows = f[["VISIT"]].merge(_windows(), on="VISIT", how="left")
+    low, high = windows["low"].to_numpy(), windows["high"].to_numpy()
+    day = f["EXSTDY"].astype("float64").to_numpy()
+    return pd.Series((day < low) | (day > high), index=f.index).fillna(False)
+
+
+def _window_observed(f: pd.DataFrame) -> pd.Series:
+    windows = f[["VISIT"]].merge(_windows(), on="VISIT", how="left")
+    return (f["VISIT"] + " dose on study day " + f["EXSTDY"].astype("str") + "; window "
+            + windows["low"].astype("str").to_numpy() + " to " + windows["high"].astype("str").to_numpy())
+
+
+def _wrong_cohort_dose(f: pd.DataFrame) -> pd.Series:
+    return (f["ctx_phase"].eq("ESCALATION") & f["EXDOSE"].notna()
+            & ~np.isclose(f["EXDOSE"].astype("float64"), f["ctx_planned_dose"].astype("float64"))).fillna(False)
+
+
+def prepare_frames(dm: pd.DataFrame, lb: pd.DataFrame, qs: pd.DataFrame, ex: pd.DataFrame,
+                   enrol: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The enrolled subjects' records each criterion looks at, with subject facts joined."""
+    enrolled = dm[dm["ARMNRS"].ne("SCREEN FAILURE").fillna(True)]
+    subject = enrolled.set_index("USUBJID")
+    facts = ["ctx_anticoag", "ctx_phase", "ctx_cohort", "SITEID"]
+
+    def with_facts(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame[frame["USUBJID"].isin(subject.index)].copy()
+        for column in facts:
+            frame[column] = frame["USUBJID"].map(subject[column])
+        return frame
+
+    planned = {str(row["cohort"]): float(row["dose"]) for row in metadata.arms()["escalation"]}
+    ex_frame = with_facts(ex)
+    ex_frame["ctx_planned_dose"] = ex_frame["ctx_cohort"].map(planned).astype("float64")
+    lb_screening = with_facts(lb[lb["VISIT"].eq(SCREENING)])
+    enrol_frame = enrol.assign(USUBJID=metadata.study()["usubjid_prefix"] + enrol["SUBJID"])
+    enrol_frame = with_facts(enrol_frame)
+    antibody_tests = [i for i in metadata.protocol()["eligibility"] if i["kind"] == "antibody_positive"]
+    positive = set()
+    for item in antibody_tests:
+        hits = lb_screening["LBTESTCD"].isin(item["tests"]) & lb_screening["LBNRIND"].eq("ABNORMAL")
+        positive |= set(lb_screening.loc[hits.fillna(False), "USUBJID"])
+    enrol_antibody = enrol_frame.copy()
+    enrol_antibody.attrs["antibody_positive"] = positive
+    return {"dm": with_facts(dm), "lb": lb_screening, "qs": with_facts(qs[qs["VISIT"].eq(SCREENING)]),
+            "ex": ex_frame, "enrol": enrol_frame, "enrol_antibody": enrol_antibody}
+
+
+def evaluate(frames: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(protocol findings, eligibility-deviation listing)."""
+    checks = build_checks()
+    out, listing = [], []
+    for name, frame in frames.items():
+        mine = [(i, c) for i, c in enumerate(checks) if c.frame == name]
+        if not mine or frame.empty:
+            continue
+        schema = pa.DataFrameSchema(checks=[
+            pa.Check(lambda f, c=c: ~c.breach(f), name=f"{c.item['rule']}#{i}") for i, c in mine])
+        try:
+            schema.validate(frame, lazy=True)
+            continue
+        except pa.errors.SchemaErrors as errors:
+            cases = errors.failure_cases.dropna(subset=["index"]).drop_duplicates(subset=["check", "index"])
+        for i, check in mine:
+            hit = cases.loc[cases["check"] == f"{check.item['rule']}#{i}", "index"].astype(int).unique()
+            if not len(hit):
+                continue
+            rows = frame.loc[np.sort(hit)]
+            detail = check.item["criterion"] + ": " + check.observed(rows) + " (" + rows["USUBJID"] + ")"
+            out.append(findings.for_rows(check.item["rule"], _with_subjid(rows), detail=detail))
+            if check.item in metadata.protocol()["eligibility"]:
+                listing.append(pd.DataFrame({
+                    "USUBJID": rows["USUBJID"].to_numpy(), "SITEID": rows["SITEID"].to_numpy(),
+                    "RULE": check.item["rule"], "CRITERION": check.item["criterion"],
+                    "OBSERVED": check.observed(rows).to_numpy(), "FILE": rows["src_file"].astype("str").to_numpy(),
+                    "ROW": rows["src_row"].to_numpy()}))
+    listing_frame = (pd.concat(listing, ignore_index=True) if listing
+                     else pd.DataFrame({c: pd.Series(dtype="str") for c in LISTING_COLUMNS}))
+    listing_frame["ROW"] = listing_frame["ROW"].astype("Int64")
+    listing_frame = sort_by_keys(listing_frame.astype({c: "str" for c in LISTING_COLUMNS if c != "ROW"}),
+                                 ["USUBJID", "RULE", "CRITERION", "FILE", "ROW"])
+    return findings.combine(out), listing_frame
+
+
+def _with_subjid(rows: pd.DataFrame) -> pd.DataFrame:
+    prefix = metadata.study()["usubjid_prefix"]
+    return rows.assign(SUBJID=rows["USUBJID"].str.removeprefix(prefix))

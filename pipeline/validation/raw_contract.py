@@ -1,0 +1,405 @@
+"""Raw contract rules (site-export-spec.md) as Pandera schemas built from `schemas/raw/*.yaml`.
+
+Each column's `kind` brings its checks (codelist, date, time, number, dose label, visit, lab
+test); the file's `keys` and `record_rules` bring the cross-field checks. Validation is lazy:
+every failure of every record is collected, and a record with an ERROR is held back while the
+others go on. Cross-file rules (SUBJID known in dm.csv, subject-level data complete) run with
+the subject lists of the same transfers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+
+from pipeline import findings, metadata
+from pipeline.derivations import codelists, lab_unit_conversions as labs
+from pipeline.derivations.dose_labels import dose_particles
+from pipeline.derivations.iso_dates import compare_partial, is_complete_date, is_site_time, site_date_to_iso
+from pipeline.derivations.visits import is_known_visit, schedule
+
+Describe = Callable[[pd.DataFrame], dict]
+
+
+@dataclass
+class RawRule:
+    """One named check: `passes(frame)` is True per row that satisfies it."""
+
+    rule: str
+    column: str | None
+    passes: Callable[[pd.DataFrame], pd.Series]
+    describe: Describe
+
+    @property
+    def check_name(self) -> str:
+        return f"{self.rule}@{self.column or ''}"
+
+
+def _value(column: str) -> Describe:
+    return lambda rows: {"value": rows[column]}
+
+
+def canonical(frame: pd.DataFrame, column: str, spec: dict) -> pd.Series:
+    """A column's values as the pipeline compares them: codes recoded, dates in ISO, visits
+    of unscheduled records told apart by date, test names as LBTESTCD."""
+    values = frame[column]
+    kind = spec.get("kind")
+    if kind == "code":
+        return codelists.recode(values, spec["codelist"]).fillna(values)
+    if kind == "date":
+        return site_date_to_iso(values).fillna(values)
+    if kind == "lab_test":
+        return labs.lab_test_code(values).fillna(values)
+    if kind == "visit" and spec.get("date"):
+        unscheduled = values == metadata.visits()["unscheduled"]["visit"]
+        dated = values + "@" + site_date_to_iso(frame[spec["date"]]).fillna(frame[spec["date"]]).fillna("")
+        return values.where(~unscheduled.fillna(False), dated)
+    return values
+
+
+def _is_integer(values: pd.Series, low, high) -> pd.Series:
+    number = pd.to_numeric(values.where(values.str.fullmatch(r"[+-]?\d+")), errors="coerce")
+    ok = number.notna()
+    if low is not None:
+        ok &= number >= low
+    if high is not None:
+        ok &= number <= high
+    return ok.fillna(False)
+
+
+def column_rules(columns: dict) -> list[RawRule]:
+    """Value checks that follow from each column's kind (nulls pass; `required` is separate)."""
+    out = []
+    subjid_pattern = metadata.study()["subjid_pattern"]
+    for column, spec in columns.items():
+        kind = spec.get("kind")
+        if kind == "code":
+            codelist = spec["codelist"]
+            out.append(RawRule("RAW-CODELIST", column,
+                               lambda f, c=column, cl=codelist: codelists.is_in_codelist(f[c], cl),
+                               lambda rows, c=column, cl=codelist: {
+                                   "value": rows[c], "expected": ", ".join(codelists.allowed_values(cl)) +
+                                   (" (any case)" if metadata.codelists()[cl].get("case_insensitive") else "")}))
+        elif kind == "date":
+            out.append(RawRule("RAW-DATE", column, lambda f, c=column: f[c].isna() | site_date_to_iso(f[c]).notna(),
+                               _value(column)))
+        elif kind == "time":
+            out.append(RawRule("RAW-TIME", column,
+                               lambda f, c=column: f[c].isna() | is_site_time(f[c]).fillna(False).astype(bool),
+                               _value(column)))
+            if spec.get("date"):
+                out.append(_time_on_partial_date(column, spec["date"]))
+        elif kind == "integer":
+            low, high = spec.get("min"), spec.get("max")
+            bounds = f" from {low} to {high}" if high is not None else (f" >= {low}" if low is not None else "")
+            out.append(RawRule("RAW-INTEGER", column,
+                               lambda f, c=column, lo=low, hi=high: f[c].isna() | _is_integer(f[c], lo, hi),
+                               lambda rows, c=column, b=bounds: {"value": rows[c], "expected": b}))
+        elif kind == "number":
+            out.append(RawRule("RAW-NUMBER", column,
+                               lambda f, c=column: f[c].isna() | labs.parse_result(f[c])["kind"].eq("number"),
+                               _value(column)))
+        elif kind == "dose_label":
+            out.append(RawRule("RAW-DOSE-LABEL", column, lambda f, c=column: f[c].isna() | dose_particles(f[c]).notna(),
+                               _value(column)))
+        elif kind == "subjid":
+            out.append(RawRule("RAW-SUBJID-FORMAT", column,
+                               lambda f, c=column: f[c].isna() | f[c].str.fullmatch(subjid_pattern).fillna(False),
+                               _value(column)))
+        elif kind == "visit":
+            dosing = bool(spec.get("dosing_only"))
+            table = schedule()
+            names = list(table.loc[table["dose"], "visit"]) if dosing else [
+                *table["visit"], metadata.visits()["unscheduled"]["visit"]]
+            out.append(RawRule("RAW-VISIT", column, lambda f, c=column, d=dosing: f[c].isna() | is_known_visit(f[c], d),
+                               lambda rows, c=column, n=names: {"value": rows[c], "expected": ", ".join(n)}))
+        elif kind == "lab_test":
+            out.append(RawRule("RAW-LB-TEST", column, lambda f, c=column: f[c].isna() | labs.lab_test_code(f[c]).notna(),
+                               _value(column)))
+    return out
+
+
+def _time_on_partial_date(time_column: str, date_column: str) -> RawRule:
+    def passes(f):
+        date = site_date_to_iso(f[date_column])
+        timed = f[time_column].notna() & is_site_time(f[time_column]).fillna(False).astype(bool)
+        return ~(timed & date.notna() & ~is_complete_date(date))
+
+    return RawRule("RAW-TIME-PARTIAL-DATE", time_column, passes,
+                   lambda rows: {"value": rows[time_column], "detail": site_date_to_iso(rows[date_column])})
+
+
+def _condition(frame: pd.DataFrame, columns: dict, when: dict) -> pd.Series:
+    mask = pd.Series(True, index=frame.index)
+    for column, value in when.items():
+        mask &= canonical(frame, column, columns[column]).eq(value).fillna(False)
+    return mask
+
+
+def _when_text(when: dict) -> str:
+    return " and ".join(f"{c} = {v}" for c, v in when.items())
+
+
+def record_rules(schema: dict) -> list[RawRule]:
+    """The file's cross-field rules, from its `keys` and `record_rules`."""
+    columns = schema["columns"]
+    out = []
+    keys = schema.get("keys")
+    if keys:
+        def unique(f, k=keys):
+            key_frame = pd.DataFrame({c: canonical(f, c, columns[c]).fillna("") for c in k})
+            key_frame["src_site"] = f["src_site"].astype("str")
+            return ~key_frame.duplicated(keep=False)
+
+        out.append(RawRule("RAW-DUPLICATE", None, unique, lambda rows, k=keys: {
+            "detail": rows[k].astype("str").fillna("").agg(" / ".join, axis=1).radd(" / ".join(k) + " = ")}))
+    for item in schema.get("record_rules", []):
+        rule = item["rule"]
+        if rule in ("RAW-REQUIRED-IF", "RAW-EMPTY-IF"):
+            column, when = item["column"], item["when"]
+            want_value = rule == "RAW-REQUIRED-IF"
+            out.append(RawRule(rule, column,
+                               lambda f, c=column, w=when, want=want_value:
+                               ~(_condition(f, columns, w) & (f[c].isna() if want else f[c].notna())),
+                               lambda rows, c=column, w=when, why=item["why"]:
+                               {"value": rows[c], "detail": _when_text(w), "expected": why}))
+        elif rule == "RAW-DATE-ORDER":
+            start, end = item["start"], item["end"]
+            out.append(RawRule(rule, end,
+                               lambda f, s=start, e=end: ~compare_partial(site_date_to_iso(f[e]), site_date_to_iso(f[s]))
+                               .eq(-1).fillna(False).astype(bool),
+                               lambda rows, s=start, e=end: {"value": rows[e], "detail": s + " = " + rows[s].astype("str")}))
+        elif rule == "RAW-ONLY-AT-VISIT":
+            column, value, visit = item["column"], item["value"], item["visit"]
+            out.append(RawRule(rule, column,
+                               lambda f, c=column, v=value, vi=visit:
+                               ~(canonical(f, c, columns[c]).eq(v).fillna(False) & f["VISIT"].ne(vi).fillna(True)),
+                               lambda rows, c=column, vi=visit: {"value": rows[c], "expected": vi, "detail": rows["VISIT"]}))
+        elif rule == "RAW-RESULT-STATUS":
+            result, status = item["result"], item["status"]
+            out.append(RawRule(rule, result, lambda f, r=result, s=status: f[r].notna() ^ f[s].notna(),
+                               lambda rows, r=result, s=status: {"detail": pd.Series(np.where(
+                                   rows[r].notna(), f"{r} = '" + rows[r].astype("str") + f"' and {s} = NOT DONE are both given; expected one of them",
+                                   f"neither {r} nor {s} = NOT DONE is given; expected one of them"), index=rows.index)}))
+        elif rule in LAB_RULES or rule in AE_RULES:
+            out.append((LAB_RULES | AE_RULES)[rule]())
+        else:
+            raise ValueError(f"unknown record rule {rule} in {schema['file']}")
+    return out
+
+
+def _lab_unit_rule() -> RawRule:
+    def passes(f):
+        code = labs.lab_test_code(f["LBTEST"])
+        checked = code.notna() & (f["LBORRES"].notna() | f["LBORRESU"].notna())
+        return ~(checked & labs.unit_factor(code, f["LBORRESU"]).isna())
+
+    def describe(rows):
+        code = labs.lab_test_code(rows["LBTEST"])
+        return {"value": rows["LBORRESU"].fillna("(empty)"), "detail": rows["LBTEST"] + " (" + code + ")",
+                "expected": code.map(lambda c: ", ".join(u if u else "(empty)" for u in labs.allowed_units(c)))}
+
+    return RawRule("RAW-LB-UNIT", "LBORRESU", passes, describe)
+
+
+def _lab_result_rule() -> RawRule:
+    def passes(f):
+        code = labs.lab_test_code(f["LBTEST"])
+        checked = code.notna() & f["LBORRES"].notna()
+        return ~(checked & ~labs.result_is_readable(code, labs.parse_result(f["LBORRES"])))
+
+    def describe(rows):
+        code = labs.lab_test_code(rows["LBTEST"])
+        return {"value": rows["LBORRES"], "detail": rows["LBTEST"] + " (" + code + ")",
+                "expected": labs.test_attribute(code, "kind").map(labs.EXPECTED_RESULT)}
+
+    return RawRule("RAW-LB-RESULT", "LBORRES", passes, describe)
+
+
+def _standard_value(f: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    code = labs.lab_test_code(f["LBTEST"])
+    parsed = labs.parse_result(f["LBORRES"])
+    return code, parsed["number"].where(parsed["kind"] == "number") * labs.unit_factor(code, f["LBORRESU"])
+
+
+def _lab_plausible_rule() -> RawRule:
+    def passes(f):
+        code, value = _standard_value(f)
+        low, high = labs.test_attribute(code, "plausible_low"), labs.test_attribute(code, "plausible_high")
+        return ~((value < low) | (value > high)).fillna(False).astype(bool)
+
+    def describe(rows):
+        code, value = _standard_value(rows)
+        unit = labs.test_attribute(code, "standard_unit").fillna("")
+        low, high = labs.test_attribute(code, "plausible_low"), labs.test_attribute(code, "plausible_high")
+        return {"value": rows["LBORRES"] + " " + rows["LBORRESU"].fillna(""),
+                "detail": rows["LBTEST"],
+                "expected": "between " + low.astype("str") + " and " + high.astype("str") + " " + unit}
+
+    return RawRule("RAW-LB-IMPLAUSIBLE", "LBORRES", passes, describe)
+
+
+def _ae_uncoded_rule() -> RawRule:
+    return RawRule("RAW-AE-UNCODED", "AEDECOD", lambda f: f["AEDECOD"].notna(), lambda rows: {"value": rows["AETERM"]})
+
+
+SERIOUSNESS = ["AESDTH", "AESLIFE", "AESHOSP", "AESDISAB", "AESCONG", "AESMIE"]
+
+
+def _ae_seriousness_rule() -> RawRule:
+    def criteria(f):
+        return pd.DataFrame({c: codelists.recode(f[c], "NY").eq("Y").fillna(False) for c in SERIOUSNESS}).any(axis=1)
+
+    def passes(f):
+        serious = codelists.recode(f["AESER"], "NY")
+        return ~((serious.eq("Y") & ~criteria(f)) | (serious.eq("N") & criteria(f))).fillna(False).astype(bool)
+
+    def describe(rows):
+        serious = codelists.recode(rows["AESER"], "NY")
+        return {"value": rows["AESER"], "detail": pd.Series(np.where(
+            serious.eq("Y"), "none of " + ", ".join(SERIOUSNESS) + " is Y; a serious event needs at least one criterion",
+            "a seriousness criterion is Y; a non-serious event has none"), index=rows.index)}
+
+    return RawRule("RAW-AE-SERIOUSNESS", "AESER", passes, describe)
+
+
+def _ae_death_rule() -> RawRule:
+    def passes(f):
+        death = codelists.recode(f["AESDTH"], "NY").eq("Y").fillna(False)
+        fatal = f["AEOUT"].eq("FATAL").fillna(False)
+        return death == fatal
+
+    def describe(rows):
+        death = codelists.recode(rows["AESDTH"], "NY").eq("Y").fillna(False)
+        return {"detail": pd.Series(np.where(
+            death, "AESDTH = Y but AEOUT = '" + rows["AEOUT"].fillna("").astype("str") + "'; a death has AEOUT = FATAL",
+            "AEOUT = FATAL but AESDTH is not Y"), index=rows.index)}
+
+    return RawRule("RAW-AE-DEATH", "AEOUT", passes, describe)
+
+
+LAB_RULES = {"RAW-LB-UNIT": _lab_unit_rule, "RAW-LB-RESULT": _lab_result_rule, "RAW-LB-IMPLAUSIBLE": _lab_plausible_rule}
+AE_RULES = {"RAW-AE-UNCODED": _ae_uncoded_rule, "RAW-AE-SERIOUSNESS": _ae_seriousness_rule, "RAW-AE-DEATH": _ae_death_rule}
+
+
+def subject_rules(known_subjects: pd.Series | None) -> list[RawRule]:
+    """SUBJID belongs to the transfer's site and, outside dm.csv, is known in that site's dm.csv."""
+    out = [RawRule("RAW-SUBJID-SITE", "SUBJID",
+                   lambda f: f["SUBJID"].isna() | f["src_site"].isna()
+                   | ~f["SUBJID"].str.fullmatch(metadata.study()["subjid_pattern"]).fillna(False)
+                   | f["SUBJID"].str.slice(0, 2).eq(f["src_site"].astype("str")),
+                   lambda rows: {"value": rows["SUBJID"], "detail": rows["SUBJID"].str.slice(0, 2),
+                                 "expected": rows["src_site"].astype("str")})]
+    if known_subjects is not None:
+        known = set(known_subjects.dropna())
+        out.append(RawRule("RAW-SUBJID-UNKNOWN", "SUBJID", lambda f: f["SUBJID"].isna() | f["SUBJID"].isin(known),
+                           _value("SUBJID")))
+    return out
+
+
+def build_schema(name: str, known_subjects: pd.Series | None) -> tuple[pa.DataFrameSchema, dict[str, RawRule]]:
+    """The Pandera schema of one raw file, and its rules by check name."""
+    schema = metadata.raw_schema(name)
+    columns = schema["columns"]
+    by_column = {c: [] for c in columns}
+    frame_rules = [*subject_rules(known_subjects), *record_rules(schema)]
+    registry = {}
+    for rule in column_rules(columns):
+        registry[rule.check_name] = rule
+        by_column[rule.column].append(
+            pa.Check(lambda s, r=rule: r.passes(s.to_frame(r.column)), name=rule.check_name, ignore_na=True))
+    for rule in frame_rules:
+        registry[rule.check_name] = rule
+    pandera_schema = pa.DataFrameSchema(
+        {c: pa.Column(nullable=not spec.get("required", False), checks=by_column[c]) for c, spec in columns.items()},
+        checks=[pa.Check(lambda f, r=rule: r.passes(f), name=rule.check_name) for rule in frame_rules],
+        name=schema["file"],
+        strict=False,
+    )
+    return pandera_schema, registry
+
+
+def validate_file(name: str, frame: pd.DataFrame, known_subjects: pd.Series | None) -> pd.DataFrame:
+    """Findings (all severities) for one raw file; the frame is left untouched."""
+    if frame.empty:
+        return findings.empty()
+    pandera_schema, registry = build_schema(name, known_subjects)
+    try:
+        pandera_schema.validate(frame, lazy=True)
+        return findings.empty()
+    except pa.errors.SchemaErrors as errors:
+        cases = errors.failure_cases
+    cases = cases.dropna(subset=["index"]).drop_duplicates(subset=["check", "column", "index"])
+    out = []
+    required = cases[cases["check"] == "not_nullable"]
+    for column, group in required.groupby("column", sort=True):
+        rows = frame.loc[group["index"].astype(int).unique()]
+        out.append(findings.for_rows("RAW-REQUIRED", rows, column=column))
+    other = cases[cases["check"] != "not_nullable"].drop_duplicates(subset=["check", "index"])
+    for check, group in other.groupby("check", sort=True):
+        rule = registry.get(check)
+        if rule is None:
+            raise RuntimeError(f"Pandera reported an unknown check {check!r} on {name}")
+        rows = frame.loc[np.sort(group["index"].astype(int).unique())]
+        out.append(findings.for_rows(rule.rule, rows, column=rule.column, **rule.describe(rows)))
+    return findings.combine(out)
+
+
+def held_back_rows(frame: pd.DataFrame, file_findings: pd.DataFrame) -> pd.Series:
+    """True for the rows of `frame` that have an ERROR finding."""
+    errors = file_findings[file_findings["SEVERITY"] == "ERROR"]
+    keys = set(zip(errors["TRANSFER"], errors["ROW"].astype("int64")))
+    if not keys:
+        return pd.Series(False, index=frame.index)
+    coordinates = pd.MultiIndex.from_arrays([frame["src_transfer"].astype("str"), frame["src_row"]])
+    return pd.Series(coordinates.isin(list(keys)), index=frame.index)
+
+
+def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Validated frames (records without ERROR findings) and every finding, for the six files.
+
+    Records with the wrong number of fields were reported at ingest and are not validated.
+
+    Subject-level data must be whole: a subject whose dm.csv or enrol.csv record is held back
+    or missing is held back everywhere (RAW-SUBJECT-HELD), with the reason, so that no SDTM
+    record can point to a subject missing from DM.
+    """
+    known = raw["dm"]["SUBJID"]
+    by_file, held = {}, {}
+    for name in metadata.RAW_FILES:
+        ragged = raw[name]["src_ragged"]
+        by_file[name] = validate_file(name, raw[name][~ragged], known if name != "dm" else None)
+        held[name] = ragged | held_back_rows(raw[name], by_file[name])
+    dm, enrol = raw["dm"], raw["enrol"]
+
+    enrolled_subjects = set(enrol.loc[~held["enrol"], "SUBJID"].dropna())
+    no_enrol = ~held["dm"] & ~dm["SUBJID"].isin(set(enrol["SUBJID"].dropna()))
+    extra = [findings.for_rows("RAW-ENROL-MISSING", dm[no_enrol], value=dm.loc[no_enrol, "SUBJID"])]
+    enrol_held = ~held["dm"] & ~no_enrol & ~dm["SUBJID"].isin(enrolled_subjects)
+    extra.append(findings.for_rows("RAW-SUBJECT-HELD", dm[enrol_held], value=dm.loc[enrol_held, "SUBJID"],
+                                   detail="its enrol.csv record is held back"))
+    held["dm"] |= no_enrol | enrol_held
+
+    good_subjects = set(dm.loc[~held["dm"], "SUBJID"].dropna())
+    for name in metadata.RAW_FILES:
+        if name == "dm":
+            continue
+        frame = raw[name]
+        cascade = ~held[name] & frame["SUBJID"].isin(set(dm["SUBJID"].dropna())) & ~frame["SUBJID"].isin(good_subjects)
+        extra.append(findings.for_rows("RAW-SUBJECT-HELD", frame[cascade], value=frame.loc[cascade, "SUBJID"],
+                                       detail="its dm.csv or enrol.csv record is held back"))
+        held[name] |= cascade
+
+    ex, valid_enrol = raw["ex"], enrol[~held["enrol"]]
+    enrolled_flag = ex["SUBJID"].map(valid_enrol.drop_duplicates("SUBJID").set_index("SUBJID")["ENRLFL"])
+    given = codelists.recode(ex["EXYN"], "NY").eq("Y").fillna(False)
+    not_enrolled = ~held["ex"] & given & codelists.recode(enrolled_flag, "NY").ne("Y").fillna(False)
+    extra.append(findings.for_rows("RAW-DOSE-NOT-ENROLLED", ex[not_enrolled], value=ex.loc[not_enrolled, "SUBJID"],
+                                   detail=enrolled_flag[not_enrolled]))
+    held["ex"] |= not_enrolled
+    validated = {name: raw[name][~held[name]] for name in metadata.RAW_FILES}
+    return validated, findings.combine([*by_file.values(), *extra])
