@@ -120,7 +120,7 @@ def format_number(values: pd.Series) -> pd.Series:
     rounded = np.where(np.isfinite(x), np.round(x * scale) / scale, np.nan)
     import pyarrow as pa
 
-    text = pa.array(rounded, from_pandas=True).cast(pa.string()).to_pandas()
+    text = pa.array(rounded, from_pandas=True).cast(pa.string()).to_numpy(zero_copy_only=False)
     return pd.Series(text, index=values.index, dtype="str")
 
 

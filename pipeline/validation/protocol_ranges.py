@@ -19,6 +19,7 @@ from pipeline import findings, metadata
 from pipeline.derivations.iso_dates import date_part, site_date_to_iso
 from pipeline.derivations.sequence import sort_by_keys
 from pipeline.derivations.visits import schedule
+from pipeline.validation.pandera_failures import placed_failures
 
 SCREENING = "SCREENING"
 LISTING_COLUMNS = ["USUBJID", "SITEID", "RULE", "CRITERION", "OBSERVED", "FILE", "ROW"]
@@ -187,7 +188,7 @@ def evaluate(frames: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFram
             schema.validate(frame, lazy=True)
             continue
         except pa.errors.SchemaErrors as errors:
-            cases = errors.failure_cases.dropna(subset=["index"]).drop_duplicates(subset=["check", "index"])
+            cases = placed_failures(errors, f"protocol ranges on {name}").drop_duplicates(subset=["check", "index"])
         for i, check in mine:
             hit = cases.loc[cases["check"] == f"{check.item['rule']}#{i}", "index"].astype(int).unique()
             if not len(hit):

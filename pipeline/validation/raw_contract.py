@@ -21,6 +21,7 @@ from pipeline.derivations import codelists, lab_unit_conversions as labs
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import compare_partial, is_complete_date, is_site_time, site_date_to_iso
 from pipeline.derivations.visits import is_known_visit, schedule
+from pipeline.validation.pandera_failures import placed_failures
 
 Describe = Callable[[pd.DataFrame], dict]
 
@@ -91,8 +92,6 @@ def column_rules(columns: dict) -> list[RawRule]:
             out.append(RawRule("RAW-TIME", column,
                                lambda f, c=column: f[c].isna() | is_site_time(f[c]).fillna(False).astype(bool),
                                _value(column)))
-            if spec.get("date"):
-                out.append(_time_on_partial_date(column, spec["date"]))
         elif kind == "integer":
             low, high = spec.get("min"), spec.get("max")
             bounds = f" from {low} to {high}" if high is not None else (f" >= {low}" if low is not None else "")
@@ -145,9 +144,11 @@ def _when_text(when: dict) -> str:
 
 
 def record_rules(schema: dict) -> list[RawRule]:
-    """The file's cross-field rules, from its `keys` and `record_rules`."""
+    """The file's cross-field rules, from its `keys` and `record_rules` (and times whose date
+    column is declared, which ISO 8601 cannot carry on a partial date)."""
     columns = schema["columns"]
-    out = []
+    out = [_time_on_partial_date(c, spec["date"]) for c, spec in columns.items()
+           if spec.get("kind") == "time" and spec.get("date")]
     keys = schema.get("keys")
     if keys:
         def unique(f, k=keys):
@@ -332,8 +333,7 @@ def validate_file(name: str, frame: pd.DataFrame, known_subjects: pd.Series | No
         pandera_schema.validate(frame, lazy=True)
         return findings.empty()
     except pa.errors.SchemaErrors as errors:
-        cases = errors.failure_cases
-    cases = cases.dropna(subset=["index"]).drop_duplicates(subset=["check", "column", "index"])
+        cases = placed_failures(errors, name)
     out = []
     required = cases[cases["check"] == "not_nullable"]
     for column, group in required.groupby("column", sort=True):
@@ -350,13 +350,16 @@ def validate_file(name: str, frame: pd.DataFrame, known_subjects: pd.Series | No
 
 
 def held_back_rows(frame: pd.DataFrame, file_findings: pd.DataFrame) -> pd.Series:
-    """True for the rows of `frame` that have an ERROR finding."""
-    errors = file_findings[file_findings["SEVERITY"] == "ERROR"]
-    keys = set(zip(errors["TRANSFER"], errors["ROW"].astype("int64")))
-    if not keys:
+    """True for the rows of `frame` that have an ERROR finding (matched on site, transfer, row:
+    two sites may export at the same second)."""
+    errors = file_findings[(file_findings["SEVERITY"] == "ERROR") & file_findings["ROW"].notna()]
+    if errors.empty:
         return pd.Series(False, index=frame.index)
-    coordinates = pd.MultiIndex.from_arrays([frame["src_transfer"].astype("str"), frame["src_row"]])
-    return pd.Series(coordinates.isin(list(keys)), index=frame.index)
+    keys = pd.MultiIndex.from_arrays([errors["SITEID"].fillna("").astype("str"), errors["TRANSFER"].astype("str"),
+                                      errors["ROW"].astype("int64")])
+    coordinates = pd.MultiIndex.from_arrays([frame["src_site"].astype("str").fillna(""),
+                                             frame["src_transfer"].astype("str"), frame["src_row"].astype("int64")])
+    return pd.Series(coordinates.isin(keys), index=frame.index)
 
 
 def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:

@@ -1,0 +1,218 @@
+"""Table-driven tests of the derivation library: each case is worked out by hand from the
+SDTMIG rule or the transfer spec, not produced by the code under test."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.derivations import codelists
+from pipeline.derivations import lab_unit_conversions as labs
+from pipeline.derivations.baseline import last_observation_before_exposure
+from pipeline.derivations.dose_labels import dose_particles
+from pipeline.derivations.iso_dates import compare_partial, iso_datetime, is_site_time, site_date_to_iso
+from pipeline.derivations.sequence import sequence_number, sort_by_keys
+from pipeline.derivations.study_day import study_day
+from pipeline.derivations.visits import epoch, unscheduled_visit_numbers, visit_name, visit_number
+
+
+def values(series):
+    return [None if pd.isna(v) else v for v in series]
+
+
+@pytest.mark.parametrize("raw, iso", [
+    ("07 MAR 2026", "2026-03-07"),
+    ("2026-03-07", "2026-03-07"),
+    ("UN MAR 2026", "2026-03"),          # unknown day: truncated, never imputed
+    ("UN UNK 2026", "2026"),
+    ("07 UNK 2026", "2026"),             # a day without a month cannot be written by truncation
+    ("2026-03", "2026-03"),
+    ("2026", "2026"),
+    ("29 FEB 2024", "2024-02-29"),       # leap year
+    ("29 FEB 2025", None),               # not a leap year
+    ("31 FEB 2026", None),               # impossible date
+    ("31 APR 2026", None),
+    ("2026-13-02", None),                # month 13
+    ("2026-00", None),
+    ("07 Mar 2026", None),               # month must be English capitals
+    ("7 MAR 2026", None),                # day is two digits
+    ("UNK MAR 2026", None),              # unknown day is UN
+    ("2026/03/07", None),
+    ("1899", None),                      # outside the plausible years
+    ("", None),
+    (None, None),
+])
+def test_site_date_to_iso(raw, iso):
+    assert values(site_date_to_iso(pd.Series([raw], dtype="str"))) == [iso]
+
+
+@pytest.mark.parametrize("date, time, expected", [
+    ("07 MAR 2026", "08:30", "2026-03-07T08:30"),
+    ("2026-03-07", None, "2026-03-07"),
+    ("UN MAR 2026", "08:30", "2026-03"),   # no time on a partial date
+    ("2026-03-07", "24:00", "2026-03-07"),  # not a time
+    ("2026-03-07", "8:30", "2026-03-07"),
+])
+def test_iso_datetime(date, time, expected):
+    result = iso_datetime(site_date_to_iso(pd.Series([date])), pd.Series([time], dtype="str"))
+    assert values(result) == [expected]
+
+
+@pytest.mark.parametrize("text, ok", [("00:00", True), ("23:59", True), ("24:00", False), ("12:60", False),
+                                      ("8:30", False), ("08:30:00", False)])
+def test_is_site_time(text, ok):
+    assert bool(is_site_time(pd.Series([text])).iloc[0]) is ok
+
+
+@pytest.mark.parametrize("left, right, expected", [
+    ("2026-03-05", "2026-03-07", -1),
+    ("2026-03-07", "2026-03-07T08:00", 0),    # compared at the common (day) precision
+    ("2026-02", "2026-03-15", -1),
+    ("2026-03", "2026-03-15", 0),             # cannot tell
+    ("2027", "2026-12-31", 1),
+    (None, "2026", None),
+])
+def test_compare_partial(left, right, expected):
+    assert values(compare_partial(pd.Series([left], dtype="str"), pd.Series([right], dtype="str"))) == [expected]
+
+
+@pytest.mark.parametrize("dtc, reference, day", [
+    ("2026-03-07", "2026-03-07", 1),           # the reference day is day 1
+    ("2026-03-08T10:00", "2026-03-07T09:00", 2),
+    ("2026-03-06", "2026-03-07", -1),           # no day 0
+    ("2026-02-25", "2026-03-07", -10),
+    ("2026-12-31", "2026-01-01", 365),
+    ("2026-03", "2026-03-07", None),            # partial date: null
+    ("2026-03-07", "2026-03", None),
+    ("2026-03-07", None, None),                 # not treated
+])
+def test_study_day(dtc, reference, day):
+    result = study_day(pd.Series([dtc], dtype="str"), pd.Series([reference], dtype="str"))
+    assert values(result) == [day]
+
+
+@pytest.mark.parametrize("label, particles", [
+    ("2.5E10", 2.5e10), ("2.5e10", 2.5e10), ("25000000000", 2.5e10), ("2.5x10^10", 2.5e10),
+    ("5.0E10", 5.0e10), ("1.0E11", 1.0e11), ("1x10^11", 1.0e11),
+    ("2.5 E10", None), ("2,5E10", None), ("two", None), ("2.5X10^10", None), (None, None),
+])
+def test_dose_particles(label, particles):
+    assert values(dose_particles(pd.Series([label], dtype="str"))) == [particles]
+
+
+@pytest.mark.parametrize("codelist, raw, submission", [
+    ("NY", "y", "Y"), ("NY", "Yes", "Y"), ("NY", "NO", "N"), ("NY", "maybe", None),
+    ("SEX", "MALE", "M"), ("SEX", "F", "F"), ("SEX", "male", None),   # only Y/N fields are case-free
+    ("RACE", "OTHER", "OTHER"),
+])
+def test_recode(codelist, raw, submission):
+    assert values(codelists.recode(pd.Series([raw]), codelist)) == [submission]
+
+
+@pytest.mark.parametrize("name, code", [
+    ("ANC", "NEUT"), ("absolute neutrophil count", "NEUT"), ("Hb", "HGB"), ("HAEMOGLOBIN", "HGB"),
+    ("SGPT", "ALT"), ("TBIL", "BILI"), ("aPTT", "APTT"), ("T. pallidum Ab", "TPALLAB"), ("HIV Ab", "HIV12AB"),
+    ("Pregnancy test", "HCG"), ("anti-LGI1 Ab", "LGI1AB"), ("Ferritin", None),
+])
+def test_lab_test_code(name, code):
+    assert values(labs.lab_test_code(pd.Series([name]))) == [code]
+
+
+@pytest.mark.parametrize("code, orres, unit, lo, hi, stresc, stresn, stresu, stnrlo, stnrhi, nrind", [
+    ("HGB", "12.3", "g/dL", "11.5", "15.0", "123", 123.0, "g/L", 115.0, 150.0, "NORMAL"),
+    ("HGB", "130", "g/L", "115", "150", "130", 130.0, "g/L", 115.0, 150.0, "NORMAL"),
+    ("NEUT", "1500", "/uL", "1800", "7700", "1.5", 1.5, "10^9/L", 1.8, 7.7, "LOW"),
+    ("NEUT", "4.2", "10^3/uL", "1.8", "7.7", "4.2", 4.2, "10^9/L", 1.8, 7.7, "NORMAL"),
+    ("BILI", "0.8", "mg/dL", "0.2", "1.2", "13.68", 13.68, "umol/L", 3.42, 20.52, "NORMAL"),
+    ("CREAT", "1.0", "mg/dL", "0.6", "1.2", "88.4", 88.4, "umol/L", 53.04, 106.08, "NORMAL"),
+    ("GLUC", "180", "mg/dL", "70", "110", "9.99", 9.99, "mmol/L", 3.885, 6.105, "HIGH"),
+    ("ALT", "30", "IU/L", "0", "40", "30", 30.0, "U/L", 0.0, 40.0, "NORMAL"),
+    ("APTT", "31.5", "s", "25", "35", "31.5", 31.5, "sec", 25.0, 35.0, "NORMAL"),
+    ("INR", "1.1", None, "0.8", "1.2", "1.1", 1.1, None, 0.8, 1.2, "NORMAL"),
+    ("NEUT", "<0.5", "10^9/L", None, None, "<0.5", None, "10^9/L", None, None, None),   # censored: text only
+    ("HBSAG", "Negative", None, None, None, "NEGATIVE", None, None, None, None, "NORMAL"),
+    ("HIV12AB", "POSITIVE", None, None, None, "POSITIVE", None, None, None, None, "ABNORMAL"),
+    ("NMDARAB", "1:32", None, None, None, "1:32", None, None, None, None, "ABNORMAL"),
+    ("HBVDNA", "<LLOQ", "IU/mL", None, None, "<LLOQ", None, "IU/mL", None, None, None),
+    ("HGB", None, None, None, None, None, None, None, None, None, None),                # not done
+])
+def test_standard_results(code, orres, unit, lo, hi, stresc, stresn, stresu, stnrlo, stnrhi, nrind):
+    result = labs.standard_results(pd.Series([code]), pd.Series([orres], dtype="str"), pd.Series([unit], dtype="str"),
+                                   pd.Series([lo], dtype="str"), pd.Series([hi], dtype="str")).iloc[0]
+    assert (None if pd.isna(result["LBSTRESC"]) else result["LBSTRESC"]) == stresc
+    for column, expected in [("LBSTRESN", stresn), ("LBSTNRLO", stnrlo), ("LBSTNRHI", stnrhi)]:
+        assert (pd.isna(result[column]) and expected is None) or result[column] == pytest.approx(expected)
+    assert (None if pd.isna(result["LBSTRESU"]) else result["LBSTRESU"]) == stresu
+    assert (None if pd.isna(result["LBNRIND"]) else result["LBNRIND"]) == nrind
+
+
+@pytest.mark.parametrize("code, unit, factor", [
+    ("NEUT", "/uL", 0.001), ("HGB", "g/dL", 10.0), ("GLUC", "mg/dL", 0.0555), ("INR", None, 1.0),
+    ("HGB", "mmol/L", None), ("NEUT", None, None),   # a unit is never guessed
+])
+def test_unit_factor(code, unit, factor):
+    assert values(labs.unit_factor(pd.Series([code]), pd.Series([unit], dtype="str"))) == [factor]
+
+
+def test_format_number_removes_float_noise():
+    assert values(labs.format_number(pd.Series([0.1 + 0.2, 12.3 * 10, 1500 * 0.001, 0.0, -2.5, np.nan]))) == [
+        "0.3", "123", "1.5", "0", "-2.5", None]
+
+
+def test_sequence_after_sorting_by_keys():
+    frame = pd.DataFrame({"USUBJID": ["B", "A", "A", "B"], "TESTCD": ["X", "Y", "X", "X"], "DTC": ["2", "1", "3", "1"]})
+    ordered = sort_by_keys(frame, ["USUBJID", "TESTCD", "DTC"])
+    assert list(zip(ordered["USUBJID"], ordered["TESTCD"], ordered["DTC"])) == [
+        ("A", "X", "3"), ("A", "Y", "1"), ("B", "X", "1"), ("B", "X", "2")]
+    assert values(sequence_number(ordered["USUBJID"])) == [1, 2, 1, 2]
+
+
+def test_baseline_flag_last_result_on_or_before_first_dose():
+    frame = pd.DataFrame({
+        "USUBJID": ["A"] * 5 + ["B"],
+        "TESTCD": ["HGB"] * 5 + ["HGB"],
+        "DTC": ["2026-02-25", "2026-03-07T08:00", "2026-03-07T10:00", "2026-03", "2026-03-08", "2026-03-07"],
+        "REF": ["2026-03-07T09:00"] * 5 + ["2026-03-07T09:00"],
+    })
+    has_result = pd.Series([True, True, True, True, True, True])
+    flag = last_observation_before_exposure(frame, "DTC", "REF", has_result, ["USUBJID", "TESTCD"])
+    # A: the 08:00 pre-dose sample, not the 10:00 post-dose one, never the partial date.
+    # B: a date-only sample on the first-dose day counts as pre-dose.
+    assert values(flag) == [None, "Y", None, None, None, "Y"]
+
+
+def test_baseline_flag_skips_records_without_result():
+    frame = pd.DataFrame({"USUBJID": ["A", "A"], "TESTCD": ["HGB", "HGB"], "DTC": ["2026-03-01", "2026-03-05"],
+                          "REF": ["2026-03-07", "2026-03-07"]})
+    flag = last_observation_before_exposure(frame, "DTC", "REF", pd.Series([True, False]), ["USUBJID", "TESTCD"])
+    assert values(flag) == ["Y", None]
+
+
+def test_unscheduled_visit_numbers_follow_previous_visit_by_date():
+    visits = pd.DataFrame({
+        "SUBJID": ["01-001"] * 6,
+        "VISIT": ["SCREENING", "DAY 1", "DAY 7", "UNSCHEDULED", "UNSCHEDULED", "UNSCHEDULED"],
+        "DTC": ["2026-02-25", "2026-03-07", "2026-03-13", "2026-03-10", "2026-03-11", "2026-03-10"],
+    })
+    table = unscheduled_visit_numbers(visits)
+    assert sorted(zip(table["DATE"].dt.strftime("%Y-%m-%d"), table["VISITNUM"])) == [
+        ("2026-03-10", 2.01), ("2026-03-11", 2.02)]
+    number = visit_number(pd.Series(["01-001", "01-001"]), pd.Series(["UNSCHEDULED", "DAY 7"]),
+                          pd.Series(["2026-03-11T10:00", "2026-03-13"]), table)
+    assert values(number) == [2.02, 8.0]
+    assert values(visit_name(pd.Series(["UNSCHEDULED", "DAY 7"]), number)) == ["UNSCHEDULED 2.02", "DAY 7"]
+
+
+@pytest.mark.parametrize("dtc, first, last, complete, expected", [
+    ("2026-02-25", "2026-03-07", "2026-04-04", "Y", "SCREENING"),
+    ("2026-03-07T08:00", "2026-03-07T09:00", "2026-04-04", "Y", "SCREENING"),   # pre-dose on day 1
+    ("2026-03-07", "2026-03-07T09:00", "2026-04-04", "Y", "TREATMENT"),         # date only: the dosing day
+    ("2026-04-04", "2026-03-07", "2026-04-04", "Y", "TREATMENT"),
+    ("2026-04-10", "2026-03-07", "2026-04-04", "Y", "FOLLOW-UP"),
+    ("2026-03-20", "2026-03-07", "2026-03-13", None, "TREATMENT"),               # dosing not finished yet
+    ("2026-03-20", None, None, None, "SCREENING"),                                # never treated
+    ("2026-03", "2026-03-07", "2026-04-04", "Y", None),                           # partial date
+])
+def test_epoch(dtc, first, last, complete, expected):
+    result = epoch(pd.Series([dtc], dtype="str"), pd.Series([first], dtype="str"), pd.Series([last], dtype="str"),
+                   pd.Series([complete == "Y"]))
+    assert values(result) == [expected]

@@ -1,0 +1,208 @@
+"""Raw ingest against the transfer spec's wording (site-export-spec.md sections 3 and 4)."""
+
+import csv
+import hashlib
+import json
+import os
+
+import pytest
+
+from pipeline import transfers
+from site_exports import SPEC_COLUMNS, csv_bytes, one_subject_trial, write_transfer
+
+OLD, NEW = "20261122T220000", "20261123T220005"
+
+
+def statuses(root):
+    return {(t.site, t.name): (t.status, t.reason) for t in transfers.select_current(transfers.list_transfers(root))}
+
+
+def current(root, site="01"):
+    return next(t for t in transfers.select_current(transfers.list_transfers(root)) if t.status == "CURRENT"
+                and t.site == site)
+
+
+def snapshot(root):
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_mtime_ns, p.stat().st_size)
+                  for p in root.rglob("*"))
+
+
+def test_newest_complete_transfer_is_current_and_older_superseded(tmp_path):
+    write_transfer(tmp_path, "01", OLD, one_subject_trial())
+    write_transfer(tmp_path, "01", NEW, one_subject_trial())
+    assert statuses(tmp_path) == {("01", OLD): ("SUPERSEDED", None), ("01", NEW): ("CURRENT", None)}
+
+
+def _break_file(folder, name, data):
+    (folder / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("breakage, rule, words", [
+    ("missing_file", "TRF-MISSING-FILE", "listed in manifest.json but absent"),
+    ("unlisted_file", "TRF-MISSING-FILE", "not listed in manifest.json"),
+    ("wrong_rows", "TRF-ROWS", "data rows, the manifest says"),
+    ("wrong_sha256", "TRF-SHA256", "does not match the manifest"),
+    ("bad_json", "TRF-MANIFEST", "not readable JSON"),
+    ("no_manifest", "TRF-MANIFEST", "manifest.json is missing"),
+    ("missing_key", "TRF-MANIFEST", "missing key(s) encoding"),
+    ("undecodable", "TRF-DECODE", "bytes are not valid utf-8"),
+    ("bad_encoding", "TRF-ENCODING", "is not allowed"),
+    ("site_mismatch", "TRF-SITE", "does not match the folder site"),
+    ("missing_column", "TRF-COLUMNS", "required column(s) AGE missing"),
+    ("duplicate_column", "TRF-COLUMNS", "appear more than once"),
+    ("empty_file", "TRF-CSV", "the file is empty"),
+])
+def test_rejected_newest_transfer_leaves_previous_current(tmp_path, breakage, rule, words):
+    write_transfer(tmp_path, "01", OLD, one_subject_trial())
+    folder = write_transfer(tmp_path, "01", NEW, one_subject_trial())
+    manifest = json.loads((folder / "manifest.json").read_text())
+
+    def rewrite(name, data):
+        (folder / name).write_bytes(data)
+        manifest["files"][name]["sha256"] = hashlib.sha256(data).hexdigest()
+
+    if breakage == "missing_file":
+        (folder / "mrs.csv").unlink()
+    elif breakage == "unlisted_file":
+        del manifest["files"]["ae.csv"]
+    elif breakage == "wrong_rows":
+        manifest["files"]["lb.csv"]["rows"] = 3
+    elif breakage == "wrong_sha256":
+        (folder / "ex.csv").write_bytes((folder / "ex.csv").read_bytes()[:-20])
+    elif breakage == "bad_json":
+        (folder / "manifest.json").write_text('{"site": "01", ')
+    elif breakage == "no_manifest":
+        (folder / "manifest.json").unlink()
+    elif breakage == "missing_key":
+        del manifest["encoding"]
+    elif breakage == "undecodable":
+        rewrite("ae.csv", csv_bytes(one_subject_trial()["ae.csv"], SPEC_COLUMNS["ae.csv"]).replace(b"mild", b"m\xffld"))
+    elif breakage == "bad_encoding":
+        manifest["encoding"] = "latin-1"
+    elif breakage == "site_mismatch":
+        manifest["site"] = "02"
+    elif breakage == "missing_column":
+        rewrite("dm.csv", csv_bytes(one_subject_trial()["dm.csv"], [c for c in SPEC_COLUMNS["dm.csv"] if c != "AGE"]))
+    elif breakage == "duplicate_column":
+        rewrite("dm.csv", b"SUBJID,subjid,AGE,SEX,RFICDAT\n01-001,01-001,45,F,2026-02-20\n")
+    elif breakage == "empty_file":
+        rewrite("mrs.csv", b"")
+        manifest["files"]["mrs.csv"]["rows"] = 0
+    if breakage not in ("bad_json", "no_manifest"):
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    result = statuses(tmp_path)
+    assert result[("01", OLD)] == ("CURRENT", None)
+    status, reason = result[("01", NEW)]
+    assert status == "REJECTED"
+    assert words in reason
+    rejected = next(t for t in transfers.select_current(transfers.list_transfers(tmp_path)) if t.name == NEW)
+    assert rule in {p["RULE"] for p in rejected.problems}
+
+
+def test_transfer_folder_must_be_an_export_time(tmp_path):
+    write_transfer(tmp_path, "01", "latest", one_subject_trial())
+    assert statuses(tmp_path)[("01", "latest")][0] == "REJECTED"
+
+
+def test_gb18030_bom_crlf_lower_case_header_and_any_column_order(tmp_path):
+    trial = one_subject_trial("02")
+    trial["ae.csv"][0]["AETERM"] = '鼻腔不适, "轻度"\n持续两天'
+    shuffled = {f: list(reversed(c)) for f, c in SPEC_COLUMNS.items()}
+    write_transfer(tmp_path, "02", NEW, trial, encoding="gb18030", newline="\r\n", header_case=str.lower,
+                   columns=shuffled)
+    write_transfer(tmp_path, "03", NEW, one_subject_trial("03"), bom=True, header_case=str.title)
+    gb = current(tmp_path, "02")
+    assert gb.files["ae.csv"].data.loc[0, "AETERM"] == '鼻腔不适, "轻度"\n持续两天'
+    assert list(gb.files["dm.csv"].data.columns[:4]) == ["src_site", "src_transfer", "src_file", "src_row"]
+    assert gb.files["dm.csv"].data.loc[0, "SUBJID"] == "02-001"
+    bom = current(tmp_path, "03")
+    assert bom.files["dm.csv"].data.loc[0, "SUBJID"] == "03-001"   # the BOM is not part of the first header
+
+
+def test_every_value_stays_text_with_its_coordinates(tmp_path):
+    trial = one_subject_trial()
+    trial["dm.csv"][0]["AGE"] = "045"
+    write_transfer(tmp_path, "01", NEW, trial)
+    dm = current(tmp_path).files["dm.csv"].data
+    assert dm.loc[0, "AGE"] == "045" and dm.loc[0, "SUBJID"] == "01-001"
+    assert (dm.loc[0, "src_site"], dm.loc[0, "src_transfer"], dm.loc[0, "src_file"], dm.loc[0, "src_row"]) == (
+        "01", NEW, "dm.csv", 1)
+    lb = current(tmp_path).files["lb.csv"].data
+    assert list(lb["src_row"]) == [1, 2]
+
+
+def test_empty_field_is_null_and_text_like_NA_is_kept(tmp_path):
+    trial = one_subject_trial()
+    trial["ae.csv"][0]["AETERM"] = "NA"
+    write_transfer(tmp_path, "01", NEW, trial)
+    ae = current(tmp_path).files["ae.csv"].data
+    assert ae.loc[0, "AETERM"] == "NA"
+    assert ae["AELLT"].isna().all()
+
+
+def test_header_only_file_is_valid_and_empty(tmp_path):
+    trial = one_subject_trial()
+    trial["ae.csv"] = []
+    write_transfer(tmp_path, "01", NEW, trial)
+    assert current(tmp_path).files["ae.csv"].data.empty
+
+
+def test_optional_column_may_be_absent_and_unknown_column_is_reported(tmp_path):
+    columns = dict(SPEC_COLUMNS)
+    columns["dm.csv"] = [c for c in SPEC_COLUMNS["dm.csv"] if c != "ETHNIC"] + ["SITE_COMMENT"]
+    write_transfer(tmp_path, "01", NEW, one_subject_trial(), columns=columns)
+    raw = current(tmp_path).files["dm.csv"]
+    assert raw.data["ETHNIC"].isna().all()
+    assert "SITE_COMMENT" not in raw.data.columns
+    assert [(f["RULE"], f["SEVERITY"]) for f in raw.findings] == [("RAW-EXTRA-COLUMN", "WARNING")]
+    assert "SITE_COMMENT" in raw.findings[0]["MESSAGE"]
+
+
+def test_record_with_wrong_field_count_is_kept_and_reported(tmp_path):
+    data = (b"SUBJID,BRTHDAT,AGE,SEX,RACE,ETHNIC,RFICDAT\n01-001,1980,45,F,ASIAN,,2026-02-20\n"
+            b"01-002,1981,46,M\n\"01-003\",\"1982\",\"47\",\"F\",\"\",\"\",\"2026-02-21\"\n")
+    folder = write_transfer(tmp_path, "01", NEW, one_subject_trial(), raw_files={"dm.csv": data})
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["dm.csv"]["rows"] = 3
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    raw = current(tmp_path).files["dm.csv"]
+    assert raw.rows == 3 and list(raw.data["src_row"]) == [1, 2, 3]
+    assert list(raw.data["src_ragged"]) == [False, True, False]
+    assert [(f["RULE"], f["ROW"]) for f in raw.findings] == [("RAW-FIELD-COUNT", 2)]
+    assert raw.data.loc[2, "SUBJID"] == "01-003"
+
+
+def test_quoted_fields_per_rfc4180(tmp_path):
+    trial = one_subject_trial()
+    trial["ex.csv"][0]["EXREASND"] = 'said "no", then\r\nagreed'
+    write_transfer(tmp_path, "01", NEW, trial, newline="\r\n")
+    folder = tmp_path / "site-01" / NEW
+    assert list(csv.reader(open(folder / "ex.csv", newline="", encoding="utf-8")))[1][3] == 'said "no", then\r\nagreed'
+    ex = current(tmp_path).files["ex.csv"].data
+    assert ex.loc[0, "EXREASND"] == 'said "no", then\r\nagreed'
+    assert current(tmp_path).files["ex.csv"].rows == 7
+
+
+def test_ingest_never_writes_in_the_exports_root(tmp_path):
+    write_transfer(tmp_path, "01", OLD, one_subject_trial())
+    write_transfer(tmp_path, "01", NEW, one_subject_trial())
+    before = snapshot(tmp_path)
+    transfers.select_current(transfers.list_transfers(tmp_path))
+    assert snapshot(tmp_path) == before
+
+
+def test_unblinded_folder_is_never_listed(tmp_path):
+    write_transfer(tmp_path, "01", NEW, one_subject_trial())
+    (tmp_path / "unblinded").mkdir()
+    os.chmod(tmp_path / "unblinded", 0)
+    try:
+        found = transfers.list_transfers(tmp_path)
+    finally:
+        os.chmod(tmp_path / "unblinded", 0o755)
+    assert [t.site for t in found] == ["01"]
+
+
+def test_missing_exports_root_is_refused(tmp_path):
+    with pytest.raises(transfers.ExportsRootError, match="does not exist"):
+        transfers.list_transfers(tmp_path / "nowhere")
