@@ -40,7 +40,8 @@ def build_parser() -> Parser:
     data = commands.add_parser("demo-data", help="write synthetic raw site exports")
     data.add_argument("--out", required=True, type=Path, help="exports root to create")
     data.add_argument("--subjects", type=int, default=38, help="enrolled subjects (default 38)")
-    data.add_argument("--sites", type=int, default=5)
+    data.add_argument("--sites", type=int, default=None,
+                      help="sites (default 5, more when SUBJID numbering needs them)")
     data.add_argument("--transfers", type=int, default=2, help="complete transfers per site (default 2)")
     data.add_argument("--seed", type=int, default=0)
 

@@ -22,3 +22,43 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.write_line(f"{len(skipped)} test(s) needing Chromium or PostgreSQL were skipped in CI: failing",
                             red=True)
         session.exitstatus = 1
+
+
+import dataclasses
+
+import pytest
+
+
+@dataclasses.dataclass
+class TrialRun:
+    trial: object          # pipeline.synthetic_trial.SyntheticTrial
+    exports: Path
+    output: Path
+    home: Path
+    exit_code: int
+
+
+def run_cli(*args: str, home: Path) -> int:
+    """`mesae ...` in this process with its own Dagster instance (DAGSTER_HOME)."""
+    from pipeline.cli import main
+
+    previous = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        return main(list(args))
+    finally:
+        if previous is None:
+            os.environ.pop("DAGSTER_HOME", None)
+        else:
+            os.environ["DAGSTER_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> TrialRun:
+    """The default 38-subject synthetic trial, run once through the whole pipeline (blinded)."""
+    from pipeline.synthetic_trial import generate_trial
+
+    root = tmp_path_factory.mktemp("demo")
+    trial = generate_trial(root / "exports")
+    code = run_cli("run", "--exports", str(root / "exports"), "--output", str(root / "output"), home=root / "home")
+    return TrialRun(trial, root / "exports", root / "output", root / "home", code)

@@ -28,11 +28,11 @@ Describe = Callable[[pd.DataFrame], dict]
 
 @dataclass
 class RawRule:
-    """One named check: `passes(frame)` is True per row that satisfies it."""
+    """One named check: `passes(parsed)` is True per row that satisfies it."""
 
     rule: str
     column: str | None
-    passes: Callable[[pd.DataFrame], pd.Series]
+    passes: Callable[["Parsed"], pd.Series]
     describe: Describe
 
     @property
@@ -44,22 +44,52 @@ def _value(column: str) -> Describe:
     return lambda rows: {"value": rows[column]}
 
 
-def canonical(frame: pd.DataFrame, column: str, spec: dict) -> pd.Series:
-    """A column's values as the pipeline compares them: codes recoded, dates in ISO, visits
-    of unscheduled records told apart by date, test names as LBTESTCD."""
-    values = frame[column]
-    kind = spec.get("kind")
-    if kind == "code":
-        return codelists.recode(values, spec["codelist"]).fillna(values)
-    if kind == "date":
-        return site_date_to_iso(values).fillna(values)
-    if kind == "lab_test":
-        return labs.lab_test_code(values).fillna(values)
-    if kind == "visit" and spec.get("date"):
-        unscheduled = values == metadata.visits()["unscheduled"]["visit"]
-        dated = values + "@" + site_date_to_iso(frame[spec["date"]]).fillna(frame[spec["date"]]).fillna("")
-        return values.where(~unscheduled.fillna(False), dated)
-    return values
+class Parsed:
+    """Each column of one raw frame parsed once (dates to ISO, codes recoded, test names to
+    LBTESTCD), shared by every rule that looks at it."""
+
+    def __init__(self, frame: pd.DataFrame, columns: dict):
+        self.frame = frame
+        self.columns = columns
+        self._cache: dict = {}
+
+    def _memo(self, key, compute):
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def iso(self, column: str) -> pd.Series:
+        return self._memo(("iso", column), lambda: site_date_to_iso(self.frame[column]))
+
+    def code(self, column: str, codelist: str) -> pd.Series:
+        return self._memo(("code", column, codelist), lambda: codelists.recode(self.frame[column], codelist))
+
+    def test_code(self, column: str = "LBTEST") -> pd.Series:
+        return self._memo(("test", column), lambda: labs.lab_test_code(self.frame[column]))
+
+    def time_ok(self, column: str) -> pd.Series:
+        return self._memo(("time", column), lambda: is_site_time(self.frame[column]).fillna(False).astype(bool))
+
+    def result(self, column: str = "LBORRES") -> pd.DataFrame:
+        return self._memo(("result", column), lambda: labs.parse_result(self.frame[column]))
+
+    def canonical(self, column: str) -> pd.Series:
+        """Values as the pipeline compares them: codes recoded, dates in ISO, unscheduled visits
+        told apart by their date, test names as LBTESTCD."""
+        values = self.frame[column]
+        spec = self.columns[column]
+        kind = spec.get("kind")
+        if kind == "code":
+            return self.code(column, spec["codelist"]).fillna(values)
+        if kind == "date":
+            return self.iso(column).fillna(values)
+        if kind == "lab_test":
+            return self.test_code(column).fillna(values)
+        if kind == "visit" and spec.get("date"):
+            unscheduled = values == metadata.visits()["unscheduled"]["visit"]
+            dated = values + "@" + self.iso(spec["date"]).fillna(self.frame[spec["date"]]).fillna("")
+            return values.where(~unscheduled.fillna(False), dated)
+        return values
 
 
 def _is_integer(values: pd.Series, low, high) -> pd.Series:
@@ -81,61 +111,61 @@ def column_rules(columns: dict) -> list[RawRule]:
         if kind == "code":
             codelist = spec["codelist"]
             out.append(RawRule("RAW-CODELIST", column,
-                               lambda f, c=column, cl=codelist: codelists.is_in_codelist(f[c], cl),
+                               lambda p, c=column, cl=codelist: p.frame[c].isna() | p.code(c, cl).notna(),
                                lambda rows, c=column, cl=codelist: {
                                    "value": rows[c], "expected": ", ".join(codelists.allowed_values(cl)) +
                                    (" (any case)" if metadata.codelists()[cl].get("case_insensitive") else "")}))
         elif kind == "date":
-            out.append(RawRule("RAW-DATE", column, lambda f, c=column: f[c].isna() | site_date_to_iso(f[c]).notna(),
+            out.append(RawRule("RAW-DATE", column, lambda p, c=column: p.frame[c].isna() | p.iso(c).notna(),
                                _value(column)))
         elif kind == "time":
-            out.append(RawRule("RAW-TIME", column,
-                               lambda f, c=column: f[c].isna() | is_site_time(f[c]).fillna(False).astype(bool),
+            out.append(RawRule("RAW-TIME", column, lambda p, c=column: p.frame[c].isna() | p.time_ok(c),
                                _value(column)))
         elif kind == "integer":
             low, high = spec.get("min"), spec.get("max")
             bounds = f" from {low} to {high}" if high is not None else (f" >= {low}" if low is not None else "")
             out.append(RawRule("RAW-INTEGER", column,
-                               lambda f, c=column, lo=low, hi=high: f[c].isna() | _is_integer(f[c], lo, hi),
+                               lambda p, c=column, lo=low, hi=high: p.frame[c].isna() | _is_integer(p.frame[c], lo, hi),
                                lambda rows, c=column, b=bounds: {"value": rows[c], "expected": b}))
         elif kind == "number":
             out.append(RawRule("RAW-NUMBER", column,
-                               lambda f, c=column: f[c].isna() | labs.parse_result(f[c])["kind"].eq("number"),
+                               lambda p, c=column: p.frame[c].isna() | p.result(c)["kind"].eq("number"),
                                _value(column)))
         elif kind == "dose_label":
-            out.append(RawRule("RAW-DOSE-LABEL", column, lambda f, c=column: f[c].isna() | dose_particles(f[c]).notna(),
+            out.append(RawRule("RAW-DOSE-LABEL", column,
+                               lambda p, c=column: p.frame[c].isna() | dose_particles(p.frame[c]).notna(),
                                _value(column)))
         elif kind == "subjid":
             out.append(RawRule("RAW-SUBJID-FORMAT", column,
-                               lambda f, c=column: f[c].isna() | f[c].str.fullmatch(subjid_pattern).fillna(False),
+                               lambda p, c=column: p.frame[c].isna() | p.frame[c].str.fullmatch(subjid_pattern).fillna(False),
                                _value(column)))
         elif kind == "visit":
             dosing = bool(spec.get("dosing_only"))
             table = schedule()
             names = list(table.loc[table["dose"], "visit"]) if dosing else [
                 *table["visit"], metadata.visits()["unscheduled"]["visit"]]
-            out.append(RawRule("RAW-VISIT", column, lambda f, c=column, d=dosing: f[c].isna() | is_known_visit(f[c], d),
+            out.append(RawRule("RAW-VISIT", column,
+                               lambda p, c=column, d=dosing: p.frame[c].isna() | is_known_visit(p.frame[c], d),
                                lambda rows, c=column, n=names: {"value": rows[c], "expected": ", ".join(n)}))
         elif kind == "lab_test":
-            out.append(RawRule("RAW-LB-TEST", column, lambda f, c=column: f[c].isna() | labs.lab_test_code(f[c]).notna(),
+            out.append(RawRule("RAW-LB-TEST", column, lambda p, c=column: p.frame[c].isna() | p.test_code(c).notna(),
                                _value(column)))
     return out
 
 
 def _time_on_partial_date(time_column: str, date_column: str) -> RawRule:
-    def passes(f):
-        date = site_date_to_iso(f[date_column])
-        timed = f[time_column].notna() & is_site_time(f[time_column]).fillna(False).astype(bool)
-        return ~(timed & date.notna() & ~is_complete_date(date))
+    def passes(p: Parsed) -> pd.Series:
+        date = p.iso(date_column)
+        return ~(p.frame[time_column].notna() & p.time_ok(time_column) & date.notna() & ~is_complete_date(date))
 
     return RawRule("RAW-TIME-PARTIAL-DATE", time_column, passes,
                    lambda rows: {"value": rows[time_column], "detail": site_date_to_iso(rows[date_column])})
 
 
-def _condition(frame: pd.DataFrame, columns: dict, when: dict) -> pd.Series:
-    mask = pd.Series(True, index=frame.index)
+def _condition(p: Parsed, when: dict) -> pd.Series:
+    mask = pd.Series(True, index=p.frame.index)
     for column, value in when.items():
-        mask &= canonical(frame, column, columns[column]).eq(value).fillna(False)
+        mask &= p.canonical(column).eq(value).fillna(False)
     return mask
 
 
@@ -151,9 +181,9 @@ def record_rules(schema: dict) -> list[RawRule]:
            if spec.get("kind") == "time" and spec.get("date")]
     keys = schema.get("keys")
     if keys:
-        def unique(f, k=keys):
-            key_frame = pd.DataFrame({c: canonical(f, c, columns[c]).fillna("") for c in k})
-            key_frame["src_site"] = f["src_site"].astype("str")
+        def unique(p: Parsed, k=keys) -> pd.Series:
+            key_frame = pd.DataFrame({c: p.canonical(c).fillna("") for c in k})
+            key_frame["src_site"] = p.frame["src_site"].astype("str")
             return ~key_frame.duplicated(keep=False)
 
         out.append(RawRule("RAW-DUPLICATE", None, unique, lambda rows, k=keys: {
@@ -164,25 +194,25 @@ def record_rules(schema: dict) -> list[RawRule]:
             column, when = item["column"], item["when"]
             want_value = rule == "RAW-REQUIRED-IF"
             out.append(RawRule(rule, column,
-                               lambda f, c=column, w=when, want=want_value:
-                               ~(_condition(f, columns, w) & (f[c].isna() if want else f[c].notna())),
+                               lambda p, c=column, w=when, want=want_value:
+                               ~(_condition(p, w) & (p.frame[c].isna() if want else p.frame[c].notna())),
                                lambda rows, c=column, w=when, why=item["why"]:
                                {"value": rows[c], "detail": _when_text(w), "expected": why}))
         elif rule == "RAW-DATE-ORDER":
             start, end = item["start"], item["end"]
             out.append(RawRule(rule, end,
-                               lambda f, s=start, e=end: ~compare_partial(site_date_to_iso(f[e]), site_date_to_iso(f[s]))
-                               .eq(-1).fillna(False).astype(bool),
+                               lambda p, s=start, e=end: ~compare_partial(p.iso(e), p.iso(s)).eq(-1).fillna(False)
+                               .astype(bool),
                                lambda rows, s=start, e=end: {"value": rows[e], "detail": s + " = " + rows[s].astype("str")}))
         elif rule == "RAW-ONLY-AT-VISIT":
             column, value, visit = item["column"], item["value"], item["visit"]
             out.append(RawRule(rule, column,
-                               lambda f, c=column, v=value, vi=visit:
-                               ~(canonical(f, c, columns[c]).eq(v).fillna(False) & f["VISIT"].ne(vi).fillna(True)),
+                               lambda p, c=column, v=value, vi=visit:
+                               ~(p.canonical(c).eq(v).fillna(False) & p.frame["VISIT"].ne(vi).fillna(True)),
                                lambda rows, c=column, vi=visit: {"value": rows[c], "expected": vi, "detail": rows["VISIT"]}))
         elif rule == "RAW-RESULT-STATUS":
             result, status = item["result"], item["status"]
-            out.append(RawRule(rule, result, lambda f, r=result, s=status: f[r].notna() ^ f[s].notna(),
+            out.append(RawRule(rule, result, lambda p, r=result, s=status: p.frame[r].notna() ^ p.frame[s].notna(),
                                lambda rows, r=result, s=status: {"detail": pd.Series(np.where(
                                    rows[r].notna(), f"{r} = '" + rows[r].astype("str") + f"' and {s} = NOT DONE are both given; expected one of them",
                                    f"neither {r} nor {s} = NOT DONE is given; expected one of them"), index=rows.index)}))
@@ -194,10 +224,10 @@ def record_rules(schema: dict) -> list[RawRule]:
 
 
 def _lab_unit_rule() -> RawRule:
-    def passes(f):
-        code = labs.lab_test_code(f["LBTEST"])
-        checked = code.notna() & (f["LBORRES"].notna() | f["LBORRESU"].notna())
-        return ~(checked & labs.unit_factor(code, f["LBORRESU"]).isna())
+    def passes(p: Parsed) -> pd.Series:
+        code = p.test_code()
+        checked = code.notna() & (p.frame["LBORRES"].notna() | p.frame["LBORRESU"].notna())
+        return ~(checked & labs.unit_factor(code, p.frame["LBORRESU"]).isna())
 
     def describe(rows):
         code = labs.lab_test_code(rows["LBTEST"])
@@ -208,10 +238,10 @@ def _lab_unit_rule() -> RawRule:
 
 
 def _lab_result_rule() -> RawRule:
-    def passes(f):
-        code = labs.lab_test_code(f["LBTEST"])
-        checked = code.notna() & f["LBORRES"].notna()
-        return ~(checked & ~labs.result_is_readable(code, labs.parse_result(f["LBORRES"])))
+    def passes(p: Parsed) -> pd.Series:
+        code = p.test_code()
+        checked = code.notna() & p.frame["LBORRES"].notna()
+        return ~(checked & ~labs.result_is_readable(code, p.result()))
 
     def describe(rows):
         code = labs.lab_test_code(rows["LBTEST"])
@@ -221,43 +251,41 @@ def _lab_result_rule() -> RawRule:
     return RawRule("RAW-LB-RESULT", "LBORRES", passes, describe)
 
 
-def _standard_value(f: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    code = labs.lab_test_code(f["LBTEST"])
-    parsed = labs.parse_result(f["LBORRES"])
-    return code, parsed["number"].where(parsed["kind"] == "number") * labs.unit_factor(code, f["LBORRESU"])
+def _standard_value(code: pd.Series, parsed: pd.DataFrame, units: pd.Series) -> pd.Series:
+    return parsed["number"].where(parsed["kind"] == "number") * labs.unit_factor(code, units)
 
 
 def _lab_plausible_rule() -> RawRule:
-    def passes(f):
-        code, value = _standard_value(f)
+    def passes(p: Parsed) -> pd.Series:
+        code = p.test_code()
+        value = _standard_value(code, p.result(), p.frame["LBORRESU"])
         low, high = labs.test_attribute(code, "plausible_low"), labs.test_attribute(code, "plausible_high")
         return ~((value < low) | (value > high)).fillna(False).astype(bool)
 
     def describe(rows):
-        code, value = _standard_value(rows)
+        code = labs.lab_test_code(rows["LBTEST"])
         unit = labs.test_attribute(code, "standard_unit").fillna("")
-        low, high = labs.test_attribute(code, "plausible_low"), labs.test_attribute(code, "plausible_high")
-        return {"value": rows["LBORRES"] + " " + rows["LBORRESU"].fillna(""),
-                "detail": rows["LBTEST"],
-                "expected": "between " + low.astype("str") + " and " + high.astype("str") + " " + unit}
+        low = labs.format_number(labs.test_attribute(code, "plausible_low"))
+        high = labs.format_number(labs.test_attribute(code, "plausible_high"))
+        return {"value": rows["LBORRES"] + " " + rows["LBORRESU"].fillna(""), "detail": rows["LBTEST"],
+                "expected": "between " + low + " and " + high + " " + unit}
 
     return RawRule("RAW-LB-IMPLAUSIBLE", "LBORRES", passes, describe)
 
 
 def _ae_uncoded_rule() -> RawRule:
-    return RawRule("RAW-AE-UNCODED", "AEDECOD", lambda f: f["AEDECOD"].notna(), lambda rows: {"value": rows["AETERM"]})
+    return RawRule("RAW-AE-UNCODED", "AEDECOD", lambda p: p.frame["AEDECOD"].notna(),
+                   lambda rows: {"value": rows["AETERM"]})
 
 
 SERIOUSNESS = ["AESDTH", "AESLIFE", "AESHOSP", "AESDISAB", "AESCONG", "AESMIE"]
 
 
 def _ae_seriousness_rule() -> RawRule:
-    def criteria(f):
-        return pd.DataFrame({c: codelists.recode(f[c], "NY").eq("Y").fillna(False) for c in SERIOUSNESS}).any(axis=1)
-
-    def passes(f):
-        serious = codelists.recode(f["AESER"], "NY")
-        return ~((serious.eq("Y") & ~criteria(f)) | (serious.eq("N") & criteria(f))).fillna(False).astype(bool)
+    def passes(p: Parsed) -> pd.Series:
+        criteria = pd.DataFrame({c: p.code(c, "NY").eq("Y").fillna(False) for c in SERIOUSNESS}).any(axis=1)
+        serious = p.code("AESER", "NY")
+        return ~((serious.eq("Y") & ~criteria) | (serious.eq("N") & criteria)).fillna(False).astype(bool)
 
     def describe(rows):
         serious = codelists.recode(rows["AESER"], "NY")
@@ -269,10 +297,8 @@ def _ae_seriousness_rule() -> RawRule:
 
 
 def _ae_death_rule() -> RawRule:
-    def passes(f):
-        death = codelists.recode(f["AESDTH"], "NY").eq("Y").fillna(False)
-        fatal = f["AEOUT"].eq("FATAL").fillna(False)
-        return death == fatal
+    def passes(p: Parsed) -> pd.Series:
+        return p.code("AESDTH", "NY").eq("Y").fillna(False) == p.frame["AEOUT"].eq("FATAL").fillna(False)
 
     def describe(rows):
         death = codelists.recode(rows["AESDTH"], "NY").eq("Y").fillna(False)
@@ -289,35 +315,43 @@ AE_RULES = {"RAW-AE-UNCODED": _ae_uncoded_rule, "RAW-AE-SERIOUSNESS": _ae_seriou
 
 def subject_rules(known_subjects: pd.Series | None) -> list[RawRule]:
     """SUBJID belongs to the transfer's site and, outside dm.csv, is known in that site's dm.csv."""
-    out = [RawRule("RAW-SUBJID-SITE", "SUBJID",
-                   lambda f: f["SUBJID"].isna() | f["src_site"].isna()
-                   | ~f["SUBJID"].str.fullmatch(metadata.study()["subjid_pattern"]).fillna(False)
-                   | f["SUBJID"].str.slice(0, 2).eq(f["src_site"].astype("str")),
+    pattern = metadata.study()["subjid_pattern"]
+
+    def own_site(p: Parsed) -> pd.Series:
+        subjid, site = p.frame["SUBJID"], p.frame["src_site"].astype("str")
+        checkable = subjid.notna() & p.frame["src_site"].notna() & subjid.str.fullmatch(pattern).fillna(False)
+        return ~checkable | subjid.str.slice(0, 2).eq(site)
+
+    out = [RawRule("RAW-SUBJID-SITE", "SUBJID", own_site,
                    lambda rows: {"value": rows["SUBJID"], "detail": rows["SUBJID"].str.slice(0, 2),
                                  "expected": rows["src_site"].astype("str")})]
     if known_subjects is not None:
         known = set(known_subjects.dropna())
-        out.append(RawRule("RAW-SUBJID-UNKNOWN", "SUBJID", lambda f: f["SUBJID"].isna() | f["SUBJID"].isin(known),
+        out.append(RawRule("RAW-SUBJID-UNKNOWN", "SUBJID", lambda p: p.frame["SUBJID"].isna() | p.frame["SUBJID"].isin(known),
                            _value("SUBJID")))
     return out
 
 
-def build_schema(name: str, known_subjects: pd.Series | None) -> tuple[pa.DataFrameSchema, dict[str, RawRule]]:
-    """The Pandera schema of one raw file, and its rules by check name."""
+def build_schema(name: str, frame: pd.DataFrame,
+                 known_subjects: pd.Series | None) -> tuple[pa.DataFrameSchema, dict[str, RawRule]]:
+    """The Pandera schema of one raw file, and its rules by check name. The checks read the
+    frame through one `Parsed` view so that each column is parsed once."""
     schema = metadata.raw_schema(name)
     columns = schema["columns"]
+    parsed = Parsed(frame, columns)
     by_column = {c: [] for c in columns}
     frame_rules = [*subject_rules(known_subjects), *record_rules(schema)]
     registry = {}
     for rule in column_rules(columns):
         registry[rule.check_name] = rule
         by_column[rule.column].append(
-            pa.Check(lambda s, r=rule: r.passes(s.to_frame(r.column)), name=rule.check_name, ignore_na=True))
+            pa.Check(lambda s, r=rule: r.passes(parsed).reindex(s.index), name=rule.check_name, ignore_na=True))
     for rule in frame_rules:
         registry[rule.check_name] = rule
     pandera_schema = pa.DataFrameSchema(
         {c: pa.Column(nullable=not spec.get("required", False), checks=by_column[c]) for c, spec in columns.items()},
-        checks=[pa.Check(lambda f, r=rule: r.passes(f), name=rule.check_name) for rule in frame_rules],
+        checks=[pa.Check(lambda f, r=rule: r.passes(parsed).reindex(f.index), name=rule.check_name)
+                for rule in frame_rules],
         name=schema["file"],
         strict=False,
     )
@@ -328,7 +362,7 @@ def validate_file(name: str, frame: pd.DataFrame, known_subjects: pd.Series | No
     """Findings (all severities) for one raw file; the frame is left untouched."""
     if frame.empty:
         return findings.empty()
-    pandera_schema, registry = build_schema(name, known_subjects)
+    pandera_schema, registry = build_schema(name, frame, known_subjects)
     try:
         pandera_schema.validate(frame, lazy=True)
         return findings.empty()
