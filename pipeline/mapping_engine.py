@@ -345,6 +345,40 @@ UNBLINDED_SOURCES = {"arm": ["randomization.TRTGRP"], "treatment_name": ["random
                      "dose": ["randomization.DOSE"]}
 
 
+# Keys each algorithm understands besides `algorithm`, `source` and `note`; anything else in a
+# mapping is a typo that would otherwise be ignored silently.
+PARAMETERS = {
+    "hardcode": {"value", "when", "when_present"}, "recode": {"codelist", "default"},
+    "subject_first": {"from", "where", "value"}, "subject_last": {"from", "where", "value"},
+    "subject_flag": {"from", "where"}, "arm": {"part"}, "visit_attribute": {"attribute"},
+    "data_cutoff": {"when"}, "lab_test_attribute": {"attribute"}, "lab_standard_result": {"part"},
+    "baseline_flag": {"group", "exclude_when_present"},
+}
+
+
+def check_spec(spec: dict, where: str) -> None:
+    """Refuses an unknown algorithm or parameter in a mapping, naming where it is."""
+    name = spec.get("algorithm")
+    if name != "sequence" and name not in ALGORITHMS:
+        raise MappingError(f"{where}: unknown algorithm {name!r}")
+    unknown = set(spec) - {"algorithm", "source", "note"} - PARAMETERS.get(name, set())
+    if unknown:
+        raise MappingError(f"{where}: algorithm {name} has no parameter(s) {', '.join(sorted(unknown))}")
+    for key in ("default", "value"):
+        nested = spec.get(key)
+        for item in nested if isinstance(nested, list) else [nested]:
+            if isinstance(item, dict):
+                check_spec(item, f"{where}.{key}")
+
+
+def check_mapping(mapping: dict) -> None:
+    for section in ("variables", "context"):
+        for name, spec in mapping.get(section, {}).items():
+            check_spec(spec, f"mappings/{mapping['dataset']}.yaml {name}")
+    for qualifier in mapping.get("supplemental", {}).get("qualifiers", []):
+        check_spec(qualifier["value"], f"mappings/{mapping['dataset']}.yaml {qualifier['qnam']}")
+
+
 def derive(work: Work, spec: dict) -> pd.Series:
     name = spec.get("algorithm")
     if name == "sequence":
@@ -367,6 +401,7 @@ def typed(values: pd.Series, variable: dict) -> pd.Series:
 
 def map_domain(mapping: dict, inputs: MappingInputs) -> MappedDomain:
     """The SDTM records (and SUPP-- records) of one domain, sorted, sequenced and typed."""
+    check_mapping(mapping)
     schema = metadata.sdtm_schema(mapping["dataset"])
     source = inputs.validated[mapping["source"]]
     not_mapped = {}

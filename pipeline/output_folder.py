@@ -71,7 +71,7 @@ class OutputFolder:
         recorded = self.recorded_zone()
         if recorded is not None and recorded != self.zone:
             raise OutputFolderError(
-                f"output folder {self.root} holds {recorded} outputs; a {self.zone} run never writes there "
+                f"output folder {self.root} holds {recorded} outputs; the {self.zone} zone never writes there "
                 f"(use another --output folder)")
         for entry in PUBLISHED_ENTRIES:
             path = self.root / entry

@@ -18,7 +18,7 @@ from pipeline.assets.checks import conformance_result, conformance_spec
 from pipeline.assets.common import OWNERS, findings_counts, markdown_table
 from pipeline.assets.raw import INVENTORY_KEY, RANDOMIZATION_KEY, RAW_KEYS
 from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RANDOMIZATION_KEY, VISITS_KEY
-from pipeline.mapping_engine import UNBLINDED_SOURCES, MappingInputs, column_lineage, map_domain
+from pipeline.mapping_engine import UNBLINDED_SOURCES, MappingInputs, check_mapping, column_lineage, map_domain
 from pipeline.resources import StudySettings
 from pipeline.sdtm_datasets import arrow_type, dataset_schema
 
@@ -130,6 +130,7 @@ def _transfers_table(inventory: pd.DataFrame, files: list[str]) -> pd.DataFrame:
 
 def build_sdtm_asset(domain: str, zone: str) -> dg.AssetsDefinition:
     mapping = metadata.mapping(domain)
+    check_mapping(mapping)
     dataset = mapping["dataset"]
     supplemental = mapping.get("supplemental")
     ins = mapping_inputs(mapping, zone)
