@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -58,31 +59,76 @@ def build_sensor(job: dg.JobDefinition, exports_dir: str) -> dg.SensorDefinition
 
 
 def build_schedule(job: dg.JobDefinition) -> dg.ScheduleDefinition:
+    # An empty variable (e.g. `MESAE_SCHEDULE_CRON=` in a service file) means "not set": the default,
+    # not an invalid cron string that would stop every definition, and so `mesae run`, from loading.
+    cron = os.environ.get("MESAE_SCHEDULE_CRON", "").strip() or DEFAULT_CRON
+    timezone = os.environ.get("MESAE_SCHEDULE_TIMEZONE", "").strip() or DEFAULT_TIMEZONE
     return dg.ScheduleDefinition(
-        name="nightly", job=job, cron_schedule=os.environ.get("MESAE_SCHEDULE_CRON", DEFAULT_CRON),
-        execution_timezone=os.environ.get("MESAE_SCHEDULE_TIMEZONE", DEFAULT_TIMEZONE),
+        name="nightly", job=job, cron_schedule=cron, execution_timezone=timezone,
         description="Nightly run on the sites' current transfers (default 02:00 Asia/Shanghai).")
 
 
+ZONE_MISMATCH = re.compile(r"ZoneError|holds (un)?blinded outputs|serves the (un)?blinded zone")
+
+
 def failure_guidance(message: str) -> str:
-    """What a data manager should do next, from a run's failure message."""
+    """What a data manager should do next, from a run's failure message (see `failure_message`)."""
     text = message or ""
     if "sdtm_conformance" in text or "AccountingError" in text or "row accounting" in text:
         return ("The outputs failed a conformance check or row accounting: this is a pipeline bug, not a data "
                 "problem. The previous outputs are unchanged. Send the run id to the pipeline team.")
     if OutputFolderBusy.__name__ in text or "is being written by" in text:
         return "Another run is writing this output folder. Wait for it to finish, then run again."
-    if OutputFolderError.__name__ in text or "zone" in text:
+    # Matched on the error's own words, not on "zone" anywhere (a path such as /srv/blinded-zone/...
+    # would match that), and before the exports advice ("inside the exports folder" names it too).
+    if ZONE_MISMATCH.search(text):
         return "The output folder or Dagster instance belongs to the other blinding zone. Use the zone's own folder."
-    if "exports folder" in text:
+    if "inside the exports folder" in text or "was not written by mesae" in text:
+        return ("The output folder cannot be used (it is inside the exports folder or holds files mesae did not "
+                "write). Use a separate, empty --output folder.")
+    if "ExportsRootError" in text or "exports folder" in text or "exports path" in text or "site folder" in text:
         return "The exports folder is missing or unreadable. Check the nightly copy from the sites, then run again."
-    if "No space left" in text or "Permission denied" in text or "Read-only" in text:
+    if ("No space left" in text or "Permission denied" in text or "Read-only" in text
+            or "is not writable" in text):
         return "The output folder cannot be written (disk full or permissions). Free space or fix permissions; " \
                "the previous outputs are unchanged."
     return "The run failed; the previous outputs are unchanged. Check the run's log in the Dagster UI, then rerun."
 
 
+FAILURE_EVENTS = (dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RESOURCE_INIT_FAILURE,
+                  dg.DagsterEventType.RUN_FAILURE)
+
+
+def failure_message(events) -> str:
+    """One line for a failed run, from its Dagster events: the failed blocking checks, else the
+    innermost error of the first step, resource-initialisation or run failure.
+
+    A run failure event's own message is generic ("Execution of run ... failed"); the cause (a busy
+    output folder, a missing exports folder, the other zone's folder) is in the error it carries, and
+    for a resource that could not start, only in the RESOURCE_INIT_FAILURE / RUN_FAILURE events."""
+    events = [e for e in events if e is not None]
+    failed_checks = [e.event_specific_data for e in events
+                     if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+                     and not e.event_specific_data.passed
+                     and e.event_specific_data.severity == dg.AssetCheckSeverity.ERROR]
+    if failed_checks:
+        return "; ".join(f"{c.check_name} failed on {c.asset_key.to_user_string()}: {c.description}"
+                         for c in failed_checks)
+    for event in events:
+        if event.event_type in FAILURE_EVENTS and event.event_specific_data is not None:
+            error = getattr(event.event_specific_data, "error", None)
+            if error is None:
+                continue
+            while getattr(error, "cause", None) is not None:
+                error = error.cause
+            text = (error.message or "").strip().splitlines()
+            return f"{error.cls_name}: {text[0] if text else ''}"
+    return ""
+
+
 @dg.run_failure_sensor(name="failure_guidance", description="Logs what a data manager should do after a failed run.")
 def failure_guidance_sensor(context: dg.RunFailureSensorContext):
-    message = context.failure_event.message or ""
-    context.log.error(f"run {context.dagster_run.run_id} failed: {message} -> {failure_guidance(message)}")
+    run_id = context.dagster_run.run_id
+    records = context.instance.all_logs(run_id, of_type={*FAILURE_EVENTS, dg.DagsterEventType.ASSET_CHECK_EVALUATION})
+    message = failure_message([r.dagster_event for r in records]) or context.failure_event.message or ""
+    context.log.error(f"run {run_id} failed: {message} -> {failure_guidance(message)}")

@@ -21,10 +21,13 @@ def metadata_root() -> Path:
     return Path(os.environ.get("MESAE_METADATA_ROOT", PROJECT_ROOT))
 
 
-@lru_cache(maxsize=None)
 def load_yaml(relative: str) -> dict:
-    path = metadata_root() / relative
-    with path.open(encoding="utf-8") as handle:
+    return _load_yaml(str(metadata_root()), relative)
+
+
+@lru_cache(maxsize=None)
+def _load_yaml(root: str, relative: str) -> dict:
+    with (Path(root) / relative).open(encoding="utf-8") as handle:
         return yaml.safe_load(handle)
 
 
@@ -84,10 +87,14 @@ def files_digest(paths: list[Path], base: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-@lru_cache(maxsize=None)
 def code_version() -> str:
     """Version of everything that decides the outputs: package code, schemas and mappings."""
-    root = metadata_root()
+    return _code_version(str(metadata_root()))
+
+
+@lru_cache(maxsize=None)
+def _code_version(root_text: str) -> str:
+    root = Path(root_text)
     from pipeline import __version__
 
     code = sorted(PROJECT_ROOT.joinpath("pipeline").rglob("*.py"))

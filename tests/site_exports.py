@@ -88,3 +88,30 @@ def one_subject_trial(site: str = "01", subject: str = "001") -> dict[str, list[
                     {"SUBJID": subjid, "VISIT": "SCREENING", "MRSDAT": "2026-02-25", "MRSTYPE": "PRE-MORBID", "MRSSCORE": "0"},
                     {"SUBJID": subjid, "VISIT": "DAY 1", "MRSDAT": "2026-03-07", "MRSTYPE": "CURRENT", "MRSSCORE": "3"}],
     }
+
+
+def edit_csv(folder: Path, file: str, edit) -> None:
+    """Rewrites one file of a transfer through `edit(header, rows) -> rows` (rows are lists of
+    text, header as the site wrote it) in the transfer's encoding, and fixes its manifest entry,
+    as a site whose data really said so would have sent it."""
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    encoding = manifest["encoding"]
+    data = (folder / file).read_bytes()
+    bom = data.startswith(b"\xef\xbb\xbf")
+    text = data.decode("utf-8-sig" if encoding == "utf-8" else encoding)
+    records = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
+    header, rows = records[0], records[1:]
+    rows = edit(header, rows)
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\r\n" if "\r\n" in text else "\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    out = buffer.getvalue().encode(encoding)
+    out = (b"\xef\xbb\xbf" + out) if bom else out
+    (folder / file).write_bytes(out)
+    manifest["files"][file] = {"rows": len(rows), "sha256": hashlib.sha256(out).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+def column_index(header: list[str], column: str) -> int:
+    return [h.strip().upper() for h in header].index(column)

@@ -23,13 +23,16 @@ _PLAIN = re.compile(rf"^{_NUMBER}$")
 _CENSORED = re.compile(rf"^(?P<op><=|>=|<|>)\s*(?P<num>{_NUMBER})$")
 
 
-@lru_cache(maxsize=None)
 def _tests() -> dict:
     return metadata.lab_tests()["tests"]
 
 
-@lru_cache(maxsize=None)
 def _test_table() -> pd.DataFrame:
+    return _test_table_for(str(metadata.metadata_root()))
+
+
+@lru_cache(maxsize=None)
+def _test_table_for(root: str) -> pd.DataFrame:
     rows = []
     for code, test in _tests().items():
         rows.append({

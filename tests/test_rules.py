@@ -1,0 +1,204 @@
+"""One test per validation rule: each rule's minimal bad input is planted into its own record of
+the demo trial (the rules the generator already plants are covered by test_demo_run), the trial
+runs once, and each test asserts that the run exited 0, the record is not in SDTM (ERROR) or is
+(WARNING), its finding names the right file, row, rule and severity, and everything else maps."""
+
+import json
+from dataclasses import dataclass, field
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_cli
+from site_exports import column_index, edit_csv
+
+CURRENT = "20261123T220005"
+
+
+@dataclass
+class Defect:
+    rule: str
+    severity: str
+    file: str
+    site: str                         # preferred site; another one is used if it has no suitable row
+    where: dict                       # column -> value (or callable) the chosen row must have
+    change: dict                      # column -> new value ('' empties it)
+    also: set = field(default_factory=set)   # other rules the same record rightly triggers
+    row: int | None = None            # filled in when planted
+    subjid: str | None = None
+
+
+DEFECTS = [
+    Defect("RAW-REQUIRED", "ERROR", "ae.csv", "01", {}, {"AETERM": ""}),
+    Defect("RAW-CODELIST", "ERROR", "ae.csv", "02", {}, {"AEREL": "MAYBE"}),
+    Defect("RAW-TIME", "ERROR", "lb.csv", "01", {"LBTIM": lambda v: v != ""}, {"LBTIM": "25:10"}),
+    Defect("RAW-NUMBER", "ERROR", "lb.csv", "02", {"LBORNRLO": lambda v: v != ""}, {"LBORNRLO": "low"}),
+    Defect("RAW-DOSE-LABEL", "ERROR", "ex.csv", "03", {"EXDOSE": lambda v: v != ""}, {"EXDOSE": "2.5 billion"}),
+    Defect("RAW-SUBJID-FORMAT", "ERROR", "mrs.csv", "04", {}, {"SUBJID": "4-0001"}, also={"RAW-SUBJID-UNKNOWN"}),
+    Defect("RAW-SUBJID-SITE", "ERROR", "mrs.csv", "05", {}, {"SUBJID": "01-001"}),
+    Defect("RAW-EMPTY-IF", "ERROR", "ex.csv", "01", {"EXYN": lambda v: v.upper() in ("N", "NO")},
+           {"EXSTDAT": "2026-06-01"}),
+    Defect("RAW-ONLY-AT-VISIT", "ERROR", "mrs.csv", "02", {"VISIT": "DAY 7"}, {"MRSTYPE": "PRE-MORBID"}),
+    Defect("RAW-RESULT-STATUS", "ERROR", "lb.csv", "03", {"LBORRES": lambda v: v != ""}, {"LBSTAT": "NOT DONE"}),
+    Defect("RAW-LB-RESULT", "ERROR", "lb.csv", "05", {"LBTEST": lambda v: v.upper() in ("ANC", "NEUTROPHILS")},
+           {"LBORRES": "high"}),
+    Defect("RAW-TIME-PARTIAL-DATE", "WARNING", "lb.csv", "04", {"LBTIM": lambda v: v != "", "VISIT": "DAY 7"},
+           {"LBDAT": "2026"}),
+    Defect("RAW-AE-SERIOUSNESS", "WARNING", "ae.csv", "03", {"AESER": lambda v: v.upper() in ("N", "NO")},
+           {"AESER": "Y"}),
+    Defect("RAW-AE-DEATH", "WARNING", "ae.csv", "05", {"AESER": lambda v: v.upper() in ("N", "NO")},
+           {"AESER": "Y", "AESDTH": "Y"}),
+    Defect("PROT-MRS-ENROL", "WARNING", "mrs.csv", "03", {"VISIT": "SCREENING", "MRSTYPE": "CURRENT"},
+           {"MRSSCORE": "1"}),
+    Defect("PROT-SEROLOGY", "WARNING", "lb.csv", "01", {"LBTEST": "HIV Ab"}, {"LBORRES": "POSITIVE"}),
+]
+SUBJECT_LEVEL = ["RAW-SUBJECT-HELD", "RAW-ENROL-MISSING", "RAW-DOSE-NOT-ENROLLED", "RAW-FIELD-COUNT"]
+
+
+def pick(header, rows, defect, used_subjects, planted_rows):
+    columns = [h.strip().upper() for h in header]
+    for number, row in enumerate(rows, start=1):
+        record = dict(zip(columns, row))
+        if (defect.file, defect.site, number) in planted_rows or record.get("SUBJID") in used_subjects:
+            continue
+        if all(test(record.get(c, "")) if callable(test) else record.get(c, "") == test
+               for c, test in defect.where.items()):
+            return number, record["SUBJID"]
+    raise LookupError(f"no row for {defect.rule} in {defect.file}")
+
+
+@pytest.fixture(scope="module")
+def rules_run(tmp_path_factory):
+    from pipeline.synthetic_trial import generate_trial
+
+    root = tmp_path_factory.mktemp("rules")
+    trial = generate_trial(root / "exports")
+    subjects = trial.subjects
+    planted = trial.planted
+    planted_rows = {(f, s, int(r)) for f, s, r in planted[["FILE", "SITEID", "ROW"]].dropna().itertuples(index=False)}
+    used = set(planted["SUBJID"].dropna())
+    folder = lambda site: root / "exports" / f"site-{site}" / CURRENT  # noqa: E731
+
+    sites = sorted(subjects["SITEID"].unique())
+    for defect in DEFECTS:
+        def edit(header, rows, d=defect):
+            number, subjid = pick(header, rows, d, used, planted_rows)
+            d.row, d.subjid = number, subjid
+            for column, value in d.change.items():
+                rows[number - 1][column_index(header, column)] = value
+            return rows
+        for site in sorted(sites, key=lambda s, d=defect: s != d.site):  # the preferred site first
+            try:
+                edit_csv(folder(site), defect.file, edit)
+            except LookupError:
+                continue
+            defect.site = site
+            break
+        used.add(defect.subjid)
+
+    clean = subjects[(subjects["ENRLFL"] == "Y") & ~subjects["SUBJID"].isin(used)]
+    held, no_enrol = clean.iloc[0], clean.iloc[1]
+    screen_failure = subjects[(subjects["ENRLFL"] == "N") & ~subjects["SUBJID"].isin(used)].iloc[0]
+    extra = {}
+
+    def blank_age(header, rows):
+        i = next(i for i, r in enumerate(rows) if r[column_index(header, "SUBJID")] == held.SUBJID)
+        rows[i][column_index(header, "AGE")] = ""
+        extra["dm_row"] = i + 1
+        return rows
+    edit_csv(folder(held.SITEID), "dm.csv", blank_age)
+
+    def drop_enrol(header, rows):
+        extra["no_enrol_dm_row"] = None
+        return [r for r in rows if r[column_index(header, "SUBJID")] != no_enrol.SUBJID]
+    edit_csv(folder(no_enrol.SITEID), "enrol.csv", drop_enrol)
+
+    def dose_screen_failure(header, rows):
+        row = [""] * len(header)
+        for column, value in {"SUBJID": screen_failure.SUBJID, "VISIT": "DAY 1", "EXYN": "Y",
+                              "EXSTDAT": "2026-06-01", "EXSTTIM": "09:00"}.items():
+            row[column_index(header, column)] = value
+        extra["dose_row"] = len(rows) + 1
+        return rows + [row]
+    edit_csv(folder(screen_failure.SITEID), "ex.csv", dose_screen_failure)
+
+    def ragged(header, rows):
+        extra["ragged_row"] = len(rows) + 1
+        return rows + [["02-001", "DAY 7"]]
+    edit_csv(folder("02"), "mrs.csv", ragged)
+
+    code = run_cli("run", "--exports", str(root / "exports"), "--output", str(root / "output"), home=root / "home")
+    quarantine = pq.read_table(root / "output" / "quarantine.parquet").to_pandas()
+    return {"code": code, "trial": trial, "output": root / "output", "exports": root / "exports",
+            "quarantine": quarantine, "held": held, "no_enrol": no_enrol, "screen_failure": screen_failure,
+            **extra}
+
+
+def findings_at(run, site, file, row):
+    q = run["quarantine"]
+    return q[(q["SITEID"] == site) & (q["FILE"] == file) & (q["ROW"] == row)]
+
+
+def in_sdtm(run, site, file, row) -> bool:
+    dataset = {"dm.csv": "dm", "ex.csv": "ex", "ae.csv": "ae", "lb.csv": "lb", "mrs.csv": "qs"}[file]
+    lineage = pq.read_table(run["output"] / "lineage" / f"{dataset}.parquet").to_pandas()
+    return bool(((lineage["SITEID"] == site) & (lineage["TRANSFER"] == CURRENT) & (lineage["ROW"] == row)).any())
+
+
+@pytest.mark.parametrize("defect", DEFECTS, ids=[d.rule for d in DEFECTS])
+def test_rule(rules_run, defect):
+    assert rules_run["code"] == 0
+    found = findings_at(rules_run, defect.site, defect.file, defect.row)
+    assert set(found["RULE"]) == {defect.rule} | defect.also, found[["RULE", "MESSAGE"]].to_string()
+    mine = found[found["RULE"] == defect.rule].iloc[0]
+    assert mine["SEVERITY"] == defect.severity and mine["TRANSFER"] == CURRENT
+    assert f"{defect.file} row {defect.row}" in mine["MESSAGE"]
+    changed = [v for v in defect.change.values() if v]
+    assert not changed or any(v in mine["MESSAGE"] for v in changed) or defect.rule.startswith("PROT-"), mine["MESSAGE"]
+    assert in_sdtm(rules_run, defect.site, defect.file, defect.row) == (defect.severity == "WARNING")
+
+
+def test_subject_with_a_held_back_dm_record_is_held_back_everywhere(rules_run):
+    held = rules_run["held"]
+    found = findings_at(rules_run, held.SITEID, "dm.csv", rules_run["dm_row"])
+    assert list(found["RULE"]) == ["RAW-REQUIRED"] and "AGE is empty" in found["MESSAGE"].iloc[0]
+    cascade = rules_run["quarantine"].query("RULE == 'RAW-SUBJECT-HELD'")
+    assert set(cascade.loc[cascade["SUBJID"] == held.SUBJID, "FILE"]) >= {"enrol.csv", "lb.csv", "mrs.csv"}
+    dm = pq.read_table(rules_run["output"] / "sdtm" / "dm.parquet").to_pandas()
+    assert held.SUBJID not in set(dm["SUBJID"])
+    for dataset in ["ex", "ae", "lb", "qs", "suppdm"]:
+        frame = pq.read_table(rules_run["output"] / "sdtm" / f"{dataset}.parquet").to_pandas()
+        assert f"MESAE-{held.SUBJID}" not in set(frame["USUBJID"])
+
+
+def test_subject_without_enrol_record(rules_run):
+    subject = rules_run["no_enrol"]
+    q = rules_run["quarantine"]
+    assert q.query("RULE == 'RAW-ENROL-MISSING'")["SUBJID"].tolist() == [subject.SUBJID]
+    assert (q.query("RULE == 'RAW-SUBJECT-HELD'")["SUBJID"] == subject.SUBJID).any()
+
+
+def test_dose_recorded_for_a_screen_failure(rules_run):
+    subject = rules_run["screen_failure"]
+    found = findings_at(rules_run, subject.SITEID, "ex.csv", rules_run["dose_row"])
+    assert list(found["RULE"]) == ["RAW-DOSE-NOT-ENROLLED"] and found["SUBJID"].iloc[0] == subject.SUBJID
+    assert not in_sdtm(rules_run, subject.SITEID, "ex.csv", rules_run["dose_row"])
+
+
+def test_record_with_missing_fields(rules_run):
+    found = findings_at(rules_run, "02", "mrs.csv", rules_run["ragged_row"])
+    assert list(found["RULE"]) == ["RAW-FIELD-COUNT"] and "2 fields where the header has" in found["MESSAGE"].iloc[0]
+
+
+def test_nothing_else_is_reported_and_accounting_closes(rules_run):
+    q = rules_run["quarantine"]
+    expected_rules = {d.rule for d in DEFECTS} | set().union(*(d.also for d in DEFECTS)) | set(
+        rules_run["trial"].planted["RULE"]) | {"RAW-REQUIRED", "RAW-SUBJECT-HELD", *SUBJECT_LEVEL}
+    assert set(q["RULE"]) <= expected_rules
+    planted = rules_run["trial"].planted.dropna(subset=["ROW"])
+    for item in planted.itertuples(index=False):
+        assert item.RULE in set(findings_at(rules_run, item.SITEID, item.FILE, item.ROW)["RULE"])
+    summary = json.loads((rules_run["output"] / "run.json").read_text())
+    for file, rows in summary["rows"].items():
+        assert rows["read"] == rows["mapped"] + rows["held_back"] + rows["not_mapped"], file
