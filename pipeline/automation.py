@@ -121,8 +121,11 @@ def failure_message(events) -> str:
                 continue
             while getattr(error, "cause", None) is not None:
                 error = error.cause
-            text = (error.message or "").strip().splitlines()
-            return f"{error.cls_name}: {text[0] if text else ''}"
+            lines = (error.message or "").strip().splitlines()
+            first = lines[0] if lines else ""
+            # The message repeats the (qualified) class name: "pipeline.x.OutputFolderBusy: output ...".
+            first = re.sub(rf"^[\w.]*\b{re.escape(error.cls_name)}: ", "", first)
+            return f"{error.cls_name}: {first}"
     return ""
 
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from pipeline import metadata
 from pipeline.assets.raw import build_randomization_asset, raw_ingest, site_transfers
-from pipeline.assets.reports import build_report_assets, protocol_ranges_asset, quarantine
-from pipeline.assets.sdtm import build_sdtm_asset
+from pipeline.assets.reports import build_report_assets
+from pipeline.assets.sdtm import build_sdtm_assets
 from pipeline.assets.validated import build_validation_asset
 from pipeline.automation import build_schedule, build_sensor, failure_guidance_sensor
 from pipeline.resources import ArrowFrameStore, StudySettings
@@ -33,8 +32,8 @@ def zone_from_environment() -> str:
 def build_definitions(exports: str | Path, output: str | Path, zone: str = "blinded",
                       lock_timeout_seconds: float = 30.0) -> dg.Definitions:
     assets = [site_transfers, raw_ingest, build_validation_asset(zone),
-              *[build_sdtm_asset(domain, zone) for domain in metadata.mapping_domains()],
-              protocol_ranges_asset, quarantine, *build_report_assets(zone)]
+              build_sdtm_assets(zone),
+              build_report_assets(zone)]
     if zone == "unblinded":
         assets.append(build_randomization_asset())
     job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.all(include_sources=False),

@@ -25,10 +25,14 @@ def load_yaml(relative: str) -> dict:
     return _load_yaml(str(metadata_root()), relative)
 
 
+# libyaml's loader when PyYAML was built with it: ten times faster than the pure-Python one.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 @lru_cache(maxsize=None)
 def _load_yaml(root: str, relative: str) -> dict:
     with (Path(root) / relative).open(encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+        return yaml.load(handle, Loader=_LOADER)
 
 
 def study() -> dict:

@@ -238,19 +238,20 @@ def read_csv_file(transfer: Transfer, name: str, data: bytes, schema: dict) -> R
     names = [h.strip().upper() for h in header]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        transfer.problem("TRF-COLUMNS", file=name, detail=f"column(s) {', '.join(duplicated)} appear more than once")
+        transfer.problem("TRF-COLUMNS", file=name,
+                         detail=f"column(s) {', '.join(map(_shown, duplicated))} appear more than once")
         return None
     expected = schema["columns"]
     missing = [c for c, spec in expected.items() if spec.get("required") and c not in names]
     if missing:
         transfer.problem("TRF-COLUMNS", file=name,
-                         detail=f"required column(s) {', '.join(missing)} missing; header is {', '.join(header)}")
+                         detail=f"required column(s) {', '.join(missing)} missing; header is {', '.join(map(_shown, header))}")
         return None
     raw = RawFile(name=name, sha256=hashlib.sha256(data).hexdigest(), rows=len(columns[0]) if columns else 0,
                   data=pd.DataFrame())
     for extra in [n for n in names if n not in expected]:
         raw.findings.append(findings.single("RAW-EXTRA-COLUMN", site=transfer.site, transfer=transfer.name,
-                                            file=name, column=extra))
+                                            file=name, column=_shown(extra)))
     count = raw.rows
     frame = {c: columns[names.index(c)] if c in names else pa.nulls(count, pa.string()) for c in expected}
     out = pa.table(frame).to_pandas()
@@ -268,6 +269,11 @@ def read_csv_file(transfer: Transfer, name: str, data: bytes, schema: dict) -> R
                                             row=row, value=fields, expected=len(header)))
     raw.data = out
     return raw
+
+
+def _shown(text: str) -> str:
+    """Header text for a one-line message: control characters (line breaks, NUL) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 _READ = pacsv.ReadOptions(autogenerate_column_names=True, block_size=1 << 24)
@@ -304,6 +310,11 @@ def _header_width(body: bytes) -> int:
 
 
 def _parse_python(body: bytes) -> tuple[list[str] | None, list[pa.Array], list[tuple[int, int]]]:
+    # Free text has no length limit in the spec and Arrow reads any length; the csv module stops
+    # at 131072 characters per field, which rejected a whole transfer only when it also had a
+    # ragged row. No field is longer than the file, so that bound is enough (only ever raised).
+    if csv.field_size_limit() < len(body):
+        csv.field_size_limit(len(body))
     reader = csv.reader(io.StringIO(body.decode("utf-8"), newline=""), strict=True)
     records = [r for r in reader if r]
     if not records:

@@ -1,8 +1,10 @@
 """Reports layer: protocol deviations, the quarantine, the traceability matrix and the
-publication of the whole output set (atomically, only after every blocking check passed)."""
+publication of the whole output set (atomically, only after every blocking check passed).
+
+One step produces the five report assets: it runs only after the SDTM step's blocking checks
+passed, reads each SDTM dataset once, and writes Dagster's events once per asset."""
 
 
-import json
 from datetime import datetime, timezone
 
 import dagster as dg
@@ -27,43 +29,6 @@ TRACEABILITY_KEY = dg.AssetKey(["reports", "traceability"])
 PUBLICATION_KEY = dg.AssetKey(["reports", "publication"])
 
 
-@dg.multi_asset(
-    name="protocol_ranges",
-    outs={
-        "protocol_findings": dg.AssetOut(key=PROTOCOL_FINDINGS_KEY, group_name="reports", owners=OWNERS,
-                                         kinds={"pandera", "pandas"},
-                                         description="Protocol deviations of enrolled subjects (WARNING)."),
-        "eligibility_deviations": dg.AssetOut(key=ELIGIBILITY_KEY, group_name="reports", owners=OWNERS,
-                                              kinds={"parquet", "pandas"},
-                                              description="Enrolled subjects who break an eligibility criterion."),
-    },
-    ins={"dm": dg.AssetIn(sdtm_key("dm")), "lb": dg.AssetIn(sdtm_key("lb")), "qs": dg.AssetIn(sdtm_key("qs")),
-         "ex": dg.AssetIn(sdtm_key("ex")), "enrol": dg.AssetIn(VALIDATED_KEYS["enrol"])},
-    check_specs=[eligibility_spec(ELIGIBILITY_KEY)],
-    can_subset=False,
-)
-def protocol_ranges_asset(dm: pd.DataFrame, lb: pd.DataFrame, qs: pd.DataFrame, ex: pd.DataFrame,
-                          enrol: pd.DataFrame):
-    protocol_findings, listing = protocol_ranges.evaluate(protocol_ranges.prepare_frames(dm, lb, qs, ex, enrol))
-    yield dg.Output(protocol_findings, output_name="protocol_findings", metadata={
-        "dagster/row_count": len(protocol_findings), "dagster/column_schema": findings_table_schema(),
-        **findings_counts(protocol_findings)})
-    yield dg.Output(listing, output_name="eligibility_deviations", metadata={
-        "dagster/row_count": len(listing), "subjects": int(listing["USUBJID"].nunique()),
-        "listing": markdown_table(listing, 50)})
-    yield eligibility_result(ELIGIBILITY_KEY, listing)
-
-
-@dg.asset(key=QUARANTINE_KEY, group_name="reports", owners=OWNERS, kinds={"parquet", "pandas"},
-          ins={"ingest": dg.AssetIn(INGEST_FINDINGS_KEY), "raw_contract": dg.AssetIn(FINDINGS_KEY),
-               "protocol": dg.AssetIn(PROTOCOL_FINDINGS_KEY)},
-          description="quarantine.parquet: every record held back (ERROR) or flagged (WARNING), with its reason.")
-def quarantine(ingest: pd.DataFrame, raw_contract: pd.DataFrame, protocol: pd.DataFrame) -> dg.Output:
-    frame = findings.combine([ingest, raw_contract, protocol])
-    return dg.Output(frame, metadata={"dagster/row_count": len(frame), "dagster/column_schema": findings_table_schema(),
-                                      **findings_counts(frame), "sample": markdown_table(frame, 30)})
-
-
 def traceability_matrix(zone: str) -> pd.DataFrame:
     """Variable -> source columns and algorithm, for every dataset, from the mapping files."""
     rows = []
@@ -86,41 +51,75 @@ def traceability_matrix(zone: str) -> pd.DataFrame:
     return pd.DataFrame(rows).astype("str")
 
 
-def build_report_assets(zone: str) -> list:
+def build_report_assets(zone: str) -> dg.AssetsDefinition:
     datasets = sdtm_datasets()
-
-    @dg.asset(key=TRACEABILITY_KEY, group_name="reports", owners=OWNERS, kinds={"html", "pandas"},
-              deps=[sdtm_key(d) for d in datasets],
-              description="Traceability matrix: each SDTM variable, its raw source columns and algorithm "
-                          "(rendered as reports/traceability.html).")
-    def traceability() -> dg.Output:
-        matrix = traceability_matrix(zone)
-        return dg.Output(matrix, metadata={"dagster/row_count": len(matrix), "matrix": markdown_table(matrix, 400)})
-
+    sdtm_keys = {sdtm_key(d) for d in datasets}
     ins = {d: dg.AssetIn(sdtm_key(d)) for d in datasets}
-    ins.update(quarantine=dg.AssetIn(QUARANTINE_KEY), inventory=dg.AssetIn(INVENTORY_KEY),
-               eligibility=dg.AssetIn(ELIGIBILITY_KEY), traceability=dg.AssetIn(TRACEABILITY_KEY))
+    ins.update(enrol=dg.AssetIn(VALIDATED_KEYS["enrol"]), ingest_findings=dg.AssetIn(INGEST_FINDINGS_KEY),
+               raw_findings=dg.AssetIn(FINDINGS_KEY), inventory=dg.AssetIn(INVENTORY_KEY))
     if zone == "unblinded":
         ins["randomization"] = dg.AssetIn(VALIDATED_RANDOMIZATION_KEY)
         ins["randomization_raw"] = dg.AssetIn(RANDOMIZATION_KEY)
+    protocol_inputs = {sdtm_key(d) for d in ("dm", "lb", "qs", "ex")} | {VALIDATED_KEYS["enrol"]}
+    outs = {
+        "protocol_findings": dg.AssetOut(key=PROTOCOL_FINDINGS_KEY, group_name="reports", owners=OWNERS,
+                                         kinds={"pandera", "pandas"},
+                                         description="Protocol deviations of enrolled subjects (WARNING)."),
+        "eligibility_deviations": dg.AssetOut(key=ELIGIBILITY_KEY, group_name="reports", owners=OWNERS,
+                                              kinds={"parquet", "pandas"},
+                                              description="Enrolled subjects who break an eligibility criterion."),
+        "quarantine": dg.AssetOut(key=QUARANTINE_KEY, group_name="reports", owners=OWNERS, kinds={"parquet", "pandas"},
+                                  description="quarantine.parquet: every record held back (ERROR) or flagged "
+                                              "(WARNING), with its reason."),
+        "traceability": dg.AssetOut(key=TRACEABILITY_KEY, group_name="reports", owners=OWNERS, kinds={"html", "pandas"},
+                                    description="Traceability matrix: each SDTM variable, its raw source columns and "
+                                                "algorithm (rendered as reports/traceability.html)."),
+        "publication": dg.AssetOut(key=PUBLICATION_KEY, group_name="reports", owners=OWNERS, kinds={"parquet"},
+                                   description="Publishes the SDTM datasets, quarantine, transfers, lineage and "
+                                               "run.json into the output folder with one atomic swap."),
+    }
+    every_input = {i.key for i in ins.values()}
+    deps = {
+        "protocol_findings": protocol_inputs, "eligibility_deviations": protocol_inputs,
+        "quarantine": {INGEST_FINDINGS_KEY, FINDINGS_KEY, PROTOCOL_FINDINGS_KEY},
+        "traceability": sdtm_keys,
+        "publication": (every_input - {VALIDATED_KEYS["enrol"], INGEST_FINDINGS_KEY, FINDINGS_KEY})
+        | {QUARANTINE_KEY, ELIGIBILITY_KEY, TRACEABILITY_KEY},
+    }
 
-    @dg.asset(key=PUBLICATION_KEY, group_name="reports", owners=OWNERS, kinds={"parquet"}, ins=ins,
-              description="Publishes the SDTM datasets, quarantine, transfers, lineage and run.json into the "
-                          "output folder with one atomic swap.")
-    def publication(context: AssetExecutionContext, settings: StudySettings, **inputs: pd.DataFrame) -> dg.Output:
+    @dg.multi_asset(name="reports", outs=outs, ins=ins, internal_asset_deps=deps,
+                    check_specs=[eligibility_spec(ELIGIBILITY_KEY)], can_subset=False)
+    def reports(context: AssetExecutionContext, settings: StudySettings, **inputs: pd.DataFrame):
         sdtm = {d: inputs[d] for d in datasets}
+        protocol_findings, listing = protocol_ranges.evaluate(protocol_ranges.prepare_frames(
+            sdtm["dm"], sdtm["lb"], sdtm["qs"], sdtm["ex"], inputs["enrol"]))
+        yield dg.Output(protocol_findings, output_name="protocol_findings", metadata={
+            "dagster/row_count": len(protocol_findings), "dagster/column_schema": findings_table_schema(),
+            **findings_counts(protocol_findings)})
+        yield dg.Output(listing, output_name="eligibility_deviations", metadata={
+            "dagster/row_count": len(listing), "subjects": int(listing["USUBJID"].nunique()),
+            "listing": markdown_table(listing, 50)})
+        yield eligibility_result(ELIGIBILITY_KEY, listing)
+
+        quarantine = findings.combine([inputs["ingest_findings"], inputs["raw_findings"], protocol_findings])
+        yield dg.Output(quarantine, output_name="quarantine", metadata={
+            "dagster/row_count": len(quarantine), "dagster/column_schema": findings_table_schema(),
+            **findings_counts(quarantine), "sample": markdown_table(quarantine, 30)})
+
+        matrix = traceability_matrix(zone)
+        yield dg.Output(matrix, output_name="traceability",
+                        metadata={"dagster/row_count": len(matrix), "matrix": markdown_table(matrix, 400)})
+
         summary, published = publish_outputs(
-            folder=settings.output, run_id=context.run_id, sdtm=sdtm, quarantine=inputs["quarantine"],
-            inventory=inputs["inventory"], eligibility=inputs["eligibility"], traceability=inputs["traceability"],
+            folder=settings.output, run_id=context.run_id, sdtm=sdtm, quarantine=quarantine,
+            inventory=inputs["inventory"], eligibility=listing, traceability=matrix,
             randomization=(len(inputs["randomization_raw"]), len(inputs["randomization"])) if zone == "unblinded" else None,
             finished_at=datetime.now(timezone.utc))
-        context.log.info(f"published {len(published)} files to {settings.output.root}")
-        return dg.Output(published, metadata={
+        yield dg.Output(published, output_name="publication", metadata={
             "dagster/row_count": len(published), "dagster/uri": settings.output.root.resolve().as_uri(),
             "files": markdown_table(published, 100), "rows": dg.MetadataValue.json(summary["rows"]),
             "not_mapped_reasons": dg.MetadataValue.json(summary["not_mapped_reasons"]),
             "records": dg.MetadataValue.json(summary["records"]),
         })
 
-    return [traceability, publication]
-
+    return reports

@@ -17,7 +17,9 @@ from pipeline import metadata
 from pipeline.assets.checks import conformance_result, conformance_spec
 from pipeline.assets.common import OWNERS, findings_counts, markdown_table
 from pipeline.assets.raw import INVENTORY_KEY, RANDOMIZATION_KEY, RAW_KEYS
-from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RANDOMIZATION_KEY, VISITS_KEY
+from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RANDOMIZATION_KEY
+from pipeline.derivations.iso_dates import site_date_to_iso
+from pipeline.derivations.visits import unscheduled_visit_numbers
 from pipeline.mapping_engine import UNBLINDED_SOURCES, MappingInputs, check_mapping, column_lineage, map_domain
 from pipeline.resources import StudySettings
 from pipeline.sdtm_datasets import arrow_type, dataset_schema
@@ -51,6 +53,24 @@ def _walk(spec, found: dict) -> None:
             _walk(value, found)
 
 
+def visit_files() -> list[str]:
+    """Raw files whose records carry a visit and its date (schemas/raw: kind visit with `date`)."""
+    return [name for name in metadata.RAW_FILES
+            if any(s.get("kind") == "visit" and s.get("date") for s in metadata.raw_schema(name)["columns"].values())]
+
+
+def dated_visits(validated: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """SUBJID, VISIT and ISO date of every visit-bearing record."""
+    parts = []
+    for name in visit_files():
+        for column, spec in metadata.raw_schema(name)["columns"].items():
+            if spec.get("kind") == "visit" and spec.get("date"):
+                frame = validated[name]
+                parts.append(pd.DataFrame({"SUBJID": frame["SUBJID"], "VISIT": frame[column],
+                                           "DTC": site_date_to_iso(frame[spec["date"]])}))
+    return pd.concat(parts, ignore_index=True)
+
+
 def mapping_inputs(mapping: dict, zone: str) -> dict[str, dg.AssetKey]:
     found = {"algorithms": set(), "prefixes": set(), "files": set()}
     _walk(mapping, found)
@@ -60,8 +80,8 @@ def mapping_inputs(mapping: dict, zone: str) -> dict[str, dg.AssetKey]:
     ins = {f"validated_{f}": VALIDATED_KEYS[f] for f in sorted(files)}
     if "dm" in found["prefixes"] and not is_dm:
         ins["sdtm_dm"] = sdtm_key("dm")
-    if "visit_number" in found["algorithms"]:
-        ins["subject_visits"] = VISITS_KEY
+    if "visit_number" in found["algorithms"]:   # unscheduled visits are numbered across every visit file
+        ins.update({f"validated_{f}": VALIDATED_KEYS[f] for f in visit_files()})
     if zone == "unblinded" and found["algorithms"] & set(UNBLINDED_SOURCES):
         ins["randomization"] = VALIDATED_RANDOMIZATION_KEY
     ins["transfer_inventory"] = INVENTORY_KEY
@@ -128,64 +148,72 @@ def _transfers_table(inventory: pd.DataFrame, files: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build_sdtm_asset(domain: str, zone: str) -> dg.AssetsDefinition:
-    mapping = metadata.mapping(domain)
-    check_mapping(mapping)
-    dataset = mapping["dataset"]
-    supplemental = mapping.get("supplemental")
-    ins = mapping_inputs(mapping, zone)
-    version = mapping_code_version(mapping)
-    outs = {dataset: dg.AssetOut(
-        key=sdtm_key(dataset), group_name="sdtm", owners=OWNERS, kinds={"parquet", "pandas"}, code_version=version,
-        description=f"SDTM {mapping['domain']} - {dataset_schema(dataset)['label']} (mappings/{dataset}.yaml)")}
-    if supplemental:
-        outs[supplemental["dataset"]] = dg.AssetOut(
-            key=sdtm_key(supplemental["dataset"]), group_name="sdtm", owners=OWNERS, kinds={"parquet", "pandas"},
-            code_version=version, description=f"SDTM {dataset_schema(supplemental['dataset'])['label']}")
-    lineage = column_lineage(mapping, zone)
-    source_file = metadata.raw_schema(mapping["source"])["file"]
+def _dataset_metadata(dataset: str, frame: pd.DataFrame, lineage: dict, version: str, source_file: str,
+                      not_mapped: dict, inventory: pd.DataFrame, file_findings: pd.DataFrame, published) -> dict:
+    return {
+        "dagster/row_count": len(frame), "dagster/uri": (published / f"{dataset}.parquet").as_uri(),
+        **column_metadata(dataset, lineage),
+        "mapping_file": f"mappings/{dataset.removeprefix('supp') if dataset.startswith('supp') else dataset}.yaml",
+        "mapping_version": version,
+        "input_transfers": markdown_table(_transfers_table(inventory, [source_file]), 100),
+        "not_mapped": json.dumps(not_mapped, sort_keys=True),
+        **findings_counts(file_findings),
+    }
 
-    checks = [conformance_spec(sdtm_key(name)) for name in outs]
 
-    @dg.multi_asset(name=f"sdtm_{dataset}", outs=outs, ins={k: dg.AssetIn(key=v) for k, v in ins.items()},
-                    check_specs=checks, can_subset=False)
-    def sdtm_domain(context: AssetExecutionContext, settings: StudySettings, **inputs: pd.DataFrame):
+def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
+    """Every SDTM dataset, one asset each, computed in one step (DM first: the others need its
+    reference dates). One step instead of one per domain saves Dagster's per-step and per-input
+    event writes, which cost more than the mapping itself on a small trial; each dataset keeps
+    its own key, code version, checks, metadata and lineage."""
+    mappings = [metadata.mapping(d) for d in metadata.mapping_domains()]
+    mappings.sort(key=lambda m: m["dataset"] != "dm")
+    ins, outs, deps, specs = {}, {}, {}, []
+    for mapping in mappings:
+        check_mapping(mapping)
+        dataset, supplemental = mapping["dataset"], mapping.get("supplemental")
+        needed = mapping_inputs(mapping, zone)
+        ins.update({k: v for k, v in needed.items() if k != "sdtm_dm"})
+        version = mapping_code_version(mapping)
+        names = [dataset] + ([supplemental["dataset"]] if supplemental else [])
+        for name in names:
+            outs[name] = dg.AssetOut(
+                key=sdtm_key(name), group_name="sdtm", owners=OWNERS, kinds={"parquet", "pandas"}, code_version=version,
+                description=f"SDTM {dataset_schema(name)['label']} (mappings/{dataset}.yaml)")
+            deps[name] = set(needed.values())
+            specs.append(conformance_spec(sdtm_key(name)))
+
+    @dg.multi_asset(name="sdtm_domains", outs=outs, ins={k: dg.AssetIn(key=v) for k, v in ins.items()},
+                    internal_asset_deps=deps, check_specs=specs, can_subset=False)
+    def sdtm_domains(context: AssetExecutionContext, settings: StudySettings, **inputs: pd.DataFrame):
         inventory = inputs["transfer_inventory"]
         current = inventory[inventory["STATUS"] == "CURRENT"]
         validated = {k.removeprefix("validated_"): v for k, v in inputs.items() if k.startswith("validated_")}
-        mapped = map_domain(mapping, MappingInputs(
-            zone=zone, validated=validated, dm=inputs.get("sdtm_dm"),
-            unscheduled_visits=inputs.get("subject_visits"), randomization=inputs.get("randomization"),
-            data_cutoff=dict(zip(current["SITEID"] + "/" + current["TRANSFER"], current["EXPORTED_AT"].str.slice(0, 10))),
-        ))
-        frame = mapped.frame
-        frame.attrs = {"dataset": dataset, "source_file": source_file, "not_mapped": mapped.not_mapped}
-        file_findings = inputs["findings"][inputs["findings"]["FILE"] == source_file]
+        mapping_inputs_ = MappingInputs(
+            zone=zone, validated=validated, unscheduled_visits=unscheduled_visit_numbers(dated_visits(validated)),
+            randomization=inputs.get("randomization"),
+            data_cutoff=dict(zip(current["SITEID"] + "/" + current["TRANSFER"], current["EXPORTED_AT"].str.slice(0, 10))))
         published = settings.output.root.resolve() / "sdtm"
-        common = {
-            "mapping_file": f"mappings/{dataset}.yaml", "mapping_sha256": version,
-            "input_transfers": markdown_table(_transfers_table(inventory, [source_file]), 100),
-            "not_mapped": json.dumps(mapped.not_mapped, sort_keys=True),
-            **findings_counts(file_findings),
-        }
-        yield dg.Output(frame, output_name=dataset, metadata={
-            "dagster/row_count": len(frame), "dagster/uri": (published / f"{dataset}.parquet").as_uri(),
-            **column_metadata(dataset, lineage), **common,
-        })
-        dm = frame if dataset == "dm" else inputs.get("sdtm_dm")
-        subjects = set(dm["USUBJID"]) if dm is not None else None
-        yield conformance_result(sdtm_key(dataset), dataset, frame, None if dataset == "dm" else subjects)
-        if supplemental:
-            supp = mapped.supplemental
-            supp.attrs = {"dataset": supplemental["dataset"], "source_file": source_file, "not_mapped": {}}
-            yield dg.Output(supp, output_name=supplemental["dataset"], metadata={
-                "dagster/row_count": len(supp),
-                "dagster/uri": (published / f"{supplemental['dataset']}.parquet").as_uri(),
-                **column_metadata(supplemental["dataset"], _supp_lineage(mapping, zone)), **common,
-            })
-            yield conformance_result(sdtm_key(supplemental["dataset"]), supplemental["dataset"], supp, subjects)
+        subjects = None
+        for mapping in mappings:
+            dataset, supplemental = mapping["dataset"], mapping.get("supplemental")
+            mapped = map_domain(mapping, mapping_inputs_)
+            if dataset == "dm":
+                mapping_inputs_.dm = mapped.frame
+                subjects = set(mapped.frame["USUBJID"])
+            source_file = metadata.raw_schema(mapping["source"])["file"]
+            file_findings = inputs["findings"][inputs["findings"]["FILE"] == source_file]
+            version = mapping_code_version(mapping)
+            produced = [(dataset, mapped.frame, column_lineage(mapping, zone), mapped.not_mapped)]
+            if supplemental:
+                produced.append((supplemental["dataset"], mapped.supplemental, _supp_lineage(mapping, zone), {}))
+            for name, frame, lineage, not_mapped in produced:
+                frame.attrs = {"dataset": name, "source_file": source_file, "not_mapped": not_mapped}
+                yield dg.Output(frame, output_name=name, metadata=_dataset_metadata(
+                    name, frame, lineage, version, source_file, not_mapped, inventory, file_findings, published))
+                yield conformance_result(sdtm_key(name), name, frame, None if name == "dm" else subjects)
 
-    return sdtm_domain
+    return sdtm_domains
 
 
 def sdtm_datasets() -> list[str]:

@@ -3,7 +3,7 @@
 One step validates all six files together, because some rules cross files (a SUBJID must be in
 dm.csv; a subject whose dm.csv or enrol.csv record is held back is held back everywhere). Each
 `validated/<file>` holds the records that may be mapped; `validated/findings` holds why the
-others may not. `validated/subject_visits` numbers unscheduled visits once for all domains.
+others may not.
 """
 
 
@@ -15,27 +15,12 @@ from pipeline import findings, metadata
 from pipeline.assets.checks import raw_contract_result, raw_contract_spec
 from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema
 from pipeline.assets.raw import RAW_KEYS, RANDOMIZATION_KEY
-from pipeline.derivations.iso_dates import site_date_to_iso
-from pipeline.derivations.visits import unscheduled_visit_numbers
 from pipeline.validation import randomization as iwrs
 from pipeline.validation.raw_contract import validate_raw
 
 VALIDATED_KEYS = {name: dg.AssetKey(["validated", name]) for name in metadata.RAW_FILES}
 FINDINGS_KEY = dg.AssetKey(["validated", "findings"])
-VISITS_KEY = dg.AssetKey(["validated", "subject_visits"])
 VALIDATED_RANDOMIZATION_KEY = dg.AssetKey(["validated", "randomization"])
-
-
-def dated_visits(validated: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """SUBJID, VISIT and ISO date of every visit-bearing record, from the raw schemas."""
-    parts = []
-    for name in metadata.RAW_FILES:
-        for column, spec in metadata.raw_schema(name)["columns"].items():
-            if spec.get("kind") == "visit" and spec.get("date"):
-                frame = validated[name]
-                parts.append(pd.DataFrame({"SUBJID": frame["SUBJID"], "VISIT": frame[column],
-                                           "DTC": site_date_to_iso(frame[spec["date"]])}))
-    return pd.concat(parts, ignore_index=True)
 
 
 def build_validation_asset(zone: str) -> dg.AssetsDefinition:
@@ -46,8 +31,6 @@ def build_validation_asset(zone: str) -> dg.AssetsDefinition:
     }
     outs["findings"] = dg.AssetOut(key=FINDINGS_KEY, group_name="validated", owners=OWNERS, kinds={"pandera", "pandas"},
                                    description="Raw contract findings: every record held back (ERROR) or flagged (WARNING).")
-    outs["subject_visits"] = dg.AssetOut(key=VISITS_KEY, group_name="validated", owners=OWNERS, kinds={"pandas"},
-                                         description="VISITNUM of every unscheduled visit (previous visit + 0.01 ...).")
     ins = {name: dg.AssetIn(key=key) for name, key in RAW_KEYS.items()}
     if zone == "unblinded":
         ins["randomization"] = dg.AssetIn(key=RANDOMIZATION_KEY)
@@ -78,8 +61,6 @@ def build_validation_asset(zone: str) -> dg.AssetsDefinition:
         })
         for name in metadata.RAW_FILES:
             yield raw_contract_result(VALIDATED_KEYS[name], metadata.raw_schema(name)["file"], all_findings)
-        visits = unscheduled_visit_numbers(dated_visits(validated))
-        yield dg.Output(visits, output_name="subject_visits", metadata={"dagster/row_count": len(visits)})
         if randomization is not None:
             yield dg.Output(reconciled, output_name="validated_randomization",
                             metadata={"dagster/row_count": len(reconciled)})
