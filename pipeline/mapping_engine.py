@@ -25,6 +25,7 @@ from pipeline import metadata
 from pipeline.derivations import codelists
 from pipeline.derivations import lab_unit_conversions as labs
 from pipeline.derivations.baseline import last_observation_before_exposure
+from pipeline.derivations.distinct_values import in_set
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import iso_datetime, site_date_to_iso
 from pipeline.derivations.sequence import sequence_number, sort_by_keys
@@ -85,13 +86,21 @@ class Work:
         return self._joined[reference]
 
     def _join(self, prefix: str, column: str) -> pd.Series:
+        """A subject-level value on every row: looked up once per subject, broadcast by code."""
         if prefix == "dm" and self.source != "dm":
             table = self.inputs.dm.set_index("SUBJID")[column]
         elif prefix in SUBJECT_LEVEL_FILES:
             table = self.inputs.validated[prefix].drop_duplicates("SUBJID").set_index("SUBJID")[column]
         else:
             raise MappingError(f"{prefix}.{column}: only subject-level files join row by row; use `from:`")
-        return pd.Series(self.frame["SUBJID"].map(table).to_numpy(), index=self.frame.index, dtype=table.dtype)
+        if "subjects" not in self.cache:
+            codes, uniques = pd.factorize(self.frame["SUBJID"], use_na_sentinel=True)
+            self.cache["subjects"] = (codes, pd.Index(uniques))
+        codes, uniques = self.cache["subjects"]
+        per_subject = table.reindex(uniques).reset_index(drop=True)
+        out = per_subject.reindex(codes)   # code -1 (no SUBJID) is not a label: null
+        out.index = self.frame.index
+        return out.astype(table.dtype)
 
     def sources(self, spec: dict) -> list[pd.Series]:
         source = spec.get("source", [])
@@ -198,7 +207,7 @@ def subject_last(work: Work, spec: dict) -> pd.Series:
 def subject_flag(work: Work, spec: dict) -> pd.Series:
     rows, _ = _rows_from(work, spec["from"], {"where": spec.get("where")})
     flagged = set(rows["SUBJID"])
-    return _text(pd.Series(np.where(work.frame["SUBJID"].isin(flagged), "Y", None), index=work.frame.index))
+    return _text(pd.Series(np.where(in_set(work.frame["SUBJID"], flagged), "Y", None), index=work.frame.index))
 
 
 def arm(work: Work, spec: dict) -> pd.Series:

@@ -81,10 +81,22 @@ class OutputFolder:
             raise OutputFolderError(f"output folder {self.root} is not writable")
 
     def claim(self) -> None:
+        """Records the zone of a new folder. The first run to record it wins: a marker is never
+        replaced (two first runs of different zones race here; `acquire` settles it)."""
         self.state.mkdir(parents=True, exist_ok=True)
         marker = self.state / "zone"
-        if not marker.exists():
-            _write_atomically(marker, self.zone.encode())
+        if marker.exists():
+            return
+        temporary = self.state / f"zone.{os.getpid()}.tmp"
+        temporary.write_bytes(self.zone.encode())
+        try:
+            os.link(temporary, marker)  # fails if another run recorded a zone meanwhile
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: last writer wins, `acquire` still checks
+            os.replace(temporary, marker)
+        finally:
+            temporary.unlink(missing_ok=True)
 
     # --- single writer -------------------------------------------------------------------
     @contextmanager
@@ -113,6 +125,14 @@ class OutputFolder:
                         f"output folder {self.root} is being written by {holder}; waited {timeout_seconds:g} s "
                         "(two runs never write the same folder; try again when it has finished)") from None
                 time.sleep(0.2)
+        # check() ran before the lock: another zone's run may have claimed the folder since.
+        recorded = self.recorded_zone()
+        if recorded is not None and recorded != self.zone:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+            raise OutputFolderError(
+                f"output folder {self.root} holds {recorded} outputs; the {self.zone} zone never writes there "
+                f"(use another --output folder)")
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
@@ -131,13 +151,24 @@ class OutputFolder:
         return asset_store(self.root)
 
     def clean_leftovers(self) -> list[str]:
-        """Removes staging folders of runs that did not finish (call under the lock)."""
+        """Removes what runs that did not finish left (call under the lock): staging folders, and
+        the temporary `.current-<run>` link of a run killed just before its swap."""
         staging = self.state / "staging"
         removed = []
         if staging.is_dir():
             for leftover in sorted(staging.iterdir()):
                 shutil.rmtree(leftover, ignore_errors=True)
                 removed.append(leftover.name)
+        if self.root.is_dir():
+            for link in sorted(self.root.glob(".current-*")):
+                if link.is_symlink():
+                    link.unlink()
+                    removed.append(link.name)
+        for temporary in sorted(self.state.glob("zone.*.tmp")):  # of a run killed in claim()
+            pid = temporary.name.split(".")[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                temporary.unlink(missing_ok=True)
+                removed.append(temporary.name)
         return removed
 
     def new_staging(self, run_id: str) -> Path:
@@ -156,17 +187,20 @@ class OutputFolder:
             shutil.rmtree(release)
         _fsync_tree(staging)
         os.rename(staging, release)
+        _fsync_dir(releases)  # the release's entry is on disk before `current` can point to it
         previous = os.readlink(self.root / "current") if (self.root / "current").is_symlink() else None
+        # The entries point through `current`; on a first publication they are made before it
+        # exists, so they all appear with the swap (a killed first run shows none, not some).
+        for entry in PUBLISHED_ENTRIES:
+            path = self.root / entry
+            if not path.is_symlink():
+                os.symlink(os.path.join("current", entry), path)
         link = self.root / f".current-{staging.name}"
         if link.is_symlink():
             link.unlink()
         os.symlink(os.path.relpath(release, self.root), link)
         os.replace(link, self.root / "current")
         _fsync_dir(self.root)
-        for entry in PUBLISHED_ENTRIES:
-            path = self.root / entry
-            if not path.is_symlink():
-                os.symlink(os.path.join("current", entry), path)
         keep = {release.name, Path(previous).name if previous else None}
         for old in releases.iterdir():
             if old.name not in keep:
@@ -179,10 +213,14 @@ def asset_store(root: Path) -> Path:
     return Path(root) / STATE / "assets"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal sent: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        pass
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -65,7 +65,7 @@ def dated_visits(validated: dict[str, pd.DataFrame]) -> pd.DataFrame:
     for name in visit_files():
         for column, spec in metadata.raw_schema(name)["columns"].items():
             if spec.get("kind") == "visit" and spec.get("date"):
-                frame = validated[name]
+                frame = validated[name][["SUBJID", column, spec["date"]]].drop_duplicates()
                 parts.append(pd.DataFrame({"SUBJID": frame["SUBJID"], "VISIT": frame[column],
                                            "DTC": site_date_to_iso(frame[spec["date"]])}))
     return pd.concat(parts, ignore_index=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from pipeline import metadata
+from pipeline.derivations.distinct_values import on_distinct_values
 
 
 def codelist_map(name: str) -> dict[str, str]:
@@ -16,6 +17,7 @@ def codelist_map(name: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in values.items()}
 
 
+@on_distinct_values
 def recode(values: pd.Series, codelist: str) -> pd.Series:
     """Submission value for each raw value; null when the raw value is null or not in the list."""
     mapping = codelist_map(codelist)

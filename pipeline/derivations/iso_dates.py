@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.derivations.distinct_values import on_distinct_values
+from pipeline.derivations.distinct_values import on_distinct_rows, on_distinct_values
 
 MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 YEAR_RANGE = (1900, 2100)
@@ -64,20 +64,22 @@ def iso_datetime(date_iso: pd.Series, time_text: pd.Series | None = None) -> pd.
     """
     if time_text is None:
         return date_iso
+    return _with_time(date_iso, time_text)
+
+
+@on_distinct_rows
+def _with_time(date_iso: pd.Series, time_text: pd.Series) -> pd.Series:
     with_time = is_complete_date(date_iso) & is_site_time(time_text).fillna(False).astype(bool)
     return date_iso.where(~with_time, date_iso + "T" + time_text)
 
 
+@on_distinct_values
 def date_part(iso: pd.Series) -> pd.Series:
     """The calendar date of complete ISO dates/datetimes as datetime64; NaT when partial or null."""
-    return _to_date(iso.str.slice(0, 10).where(is_complete_date(iso)))
+    return pd.to_datetime(iso.str.slice(0, 10).where(is_complete_date(iso)), format="%Y-%m-%d", errors="coerce")
 
 
-@on_distinct_values
-def _to_date(values: pd.Series) -> pd.Series:
-    return pd.to_datetime(values, format="%Y-%m-%d", errors="coerce")
-
-
+@on_distinct_rows
 def compare_partial(left: pd.Series, right: pd.Series) -> pd.Series:
     """-1, 0 or 1 comparing two ISO dates at their common precision; null if either is null.
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import metadata
-from pipeline.derivations.distinct_values import on_distinct_values
+from pipeline.derivations.distinct_values import arrow_text, on_distinct_rows, on_distinct_values
 
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _PLAIN = re.compile(rf"^{_NUMBER}$")
@@ -53,14 +53,24 @@ def lab_test_code(names: pd.Series) -> pd.Series:
 
 def test_attribute(codes: pd.Series, attribute: str) -> pd.Series:
     """A per-test attribute (LBTEST, LBCAT, kind, standard_unit, normal, plausible_low/high)."""
+    return _attribute(codes, attribute)
+
+
+@on_distinct_values
+def _attribute(codes: pd.Series, attribute: str) -> pd.Series:
     return codes.map(_test_table()[attribute])
 
 
 def unit_factor(codes: pd.Series, units: pd.Series) -> pd.Series:
     """Factor from the reported unit to the test's standard unit; NaN if the unit is not listed."""
-    factors = {(code, unit): float(f) for code, t in _tests().items() for unit, f in t["units"].items()}
-    keys = pd.Series(list(zip(codes.fillna(""), units.fillna(""))), index=codes.index)
-    return pd.Series(keys.map(factors), index=codes.index, dtype="float64")
+    factors = {f"{code}|{unit}": float(f) for code, t in _tests().items() for unit, f in t["units"].items()}
+    keys = codes.astype("str").fillna("") + "|" + units.astype("str").fillna("")
+    return _factor_of(keys, factors)
+
+
+@on_distinct_values
+def _factor_of(keys: pd.Series, factors: dict) -> pd.Series:
+    return keys.map(factors).astype("float64")
 
 
 def allowed_units(code: str) -> list[str]:
@@ -114,6 +124,11 @@ def result_is_readable(codes: pd.Series, parsed: pd.DataFrame) -> pd.Series:
     return pairs.isin(accepted)
 
 
+@on_distinct_values
+def _number(text: pd.Series) -> pd.Series:
+    return pd.to_numeric(text, errors="coerce").astype("float64")
+
+
 def format_number(values: pd.Series) -> pd.Series:
     """Shortest text of each number after rounding to 10 significant digits (kills float noise)."""
     x = values.to_numpy(dtype="float64", na_value=np.nan)
@@ -123,10 +138,10 @@ def format_number(values: pd.Series) -> pd.Series:
     rounded = np.where(np.isfinite(x), np.round(x * scale) / scale, np.nan)
     import pyarrow as pa
 
-    text = pa.array(rounded, from_pandas=True).cast(pa.string()).to_numpy(zero_copy_only=False)
-    return pd.Series(text, index=values.index, dtype="str")
+    return arrow_text(pa.array(rounded, from_pandas=True).cast(pa.string()), values.index)
 
 
+@on_distinct_rows
 def standard_results(codes: pd.Series, orres: pd.Series, units: pd.Series,
                      ornrlo: pd.Series, ornrhi: pd.Series) -> pd.DataFrame:
     """LBSTRESC, LBSTRESN, LBSTRESU, LBSTNRLO, LBSTNRHI, LBSTNRC and LBNRIND for each record.
@@ -146,8 +161,8 @@ def standard_results(codes: pd.Series, orres: pd.Series, units: pd.Series,
     stresn = converted.where(kind == "number")
     has_result = orres.notna()
     stresu = test_attribute(codes, "standard_unit").astype("str").where(has_result)
-    stnrlo = pd.to_numeric(ornrlo, errors="coerce") * factor
-    stnrhi = pd.to_numeric(ornrhi, errors="coerce") * factor
+    stnrlo = _number(ornrlo) * factor
+    stnrhi = _number(ornrhi) * factor
     stnrlo = pd.to_numeric(format_number(stnrlo), errors="coerce")
     stnrhi = pd.to_numeric(format_number(stnrhi), errors="coerce")
     stresn = pd.to_numeric(format_number(stresn), errors="coerce")

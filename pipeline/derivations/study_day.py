@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import pandas as pd
 
+from pipeline.derivations.distinct_values import on_distinct_rows
 from pipeline.derivations.iso_dates import date_part
 
 
+@on_distinct_rows
 def study_day(dtc: pd.Series, reference_dtc: pd.Series) -> pd.Series:
     """Study day (Int64) of each ISO date/datetime against the reference ISO date/datetime."""
     delta = (date_part(dtc) - date_part(reference_dtc)).dt.days

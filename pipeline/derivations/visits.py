@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import metadata
+from pipeline.derivations.distinct_values import on_distinct_rows, on_distinct_values
 from pipeline.derivations.iso_dates import date_part, is_complete_date
 
 
@@ -18,6 +19,7 @@ def schedule() -> pd.DataFrame:
     return pd.DataFrame(metadata.visits()["visits"])
 
 
+@on_distinct_values
 def scheduled_visit_number(visit: pd.Series) -> pd.Series:
     """VISITNUM of a scheduled visit name (float64); NaN for UNSCHEDULED or unknown names."""
     table = schedule()
@@ -71,6 +73,7 @@ def visit_number(subjid: pd.Series, visit: pd.Series, dtc: pd.Series, unschedule
     return scheduled.where(~is_unscheduled, pd.Series(found, index=visit.index)).astype("float64")
 
 
+@on_distinct_rows
 def visit_name(visit: pd.Series, visitnum: pd.Series) -> pd.Series:
     """The schedule name, or `UNSCHEDULED 8.01` (unique per VISITNUM) for unscheduled visits."""
     hundredths = (visitnum * 100).round().astype("Int64")
@@ -81,6 +84,7 @@ def visit_name(visit: pd.Series, visitnum: pd.Series) -> pd.Series:
     return visit.where(~is_unscheduled, named.where(visitnum.notna())).astype("str")
 
 
+@on_distinct_rows
 def epoch(dtc: pd.Series, first_dose: pd.Series, last_dose: pd.Series, dosing_complete: pd.Series) -> pd.Series:
     """SCREENING before the first dose, TREATMENT up to the last dose of a completed dosing
     period (or onwards while dosing continues), FOLLOW-UP after; null for partial dates.

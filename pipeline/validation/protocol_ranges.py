@@ -16,6 +16,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 from pipeline import findings, metadata
+from pipeline.derivations.distinct_values import in_set
 from pipeline.derivations.iso_dates import date_part, site_date_to_iso
 from pipeline.derivations.sequence import sort_by_keys
 from pipeline.derivations.visits import schedule
@@ -63,7 +64,7 @@ def _lab_checks(item: dict) -> ProtocolCheck:
         def breach(f):
             detectable = f["LBTESTCD"].eq(item["dna_test"]) & (f["LBSTRESN"] > 0)
             subjects = set(f.loc[detectable.fillna(False), "USUBJID"])
-            return rows(f) & f["LBSTRESC"].eq("POSITIVE") & f["USUBJID"].isin(subjects)
+            return rows(f) & f["LBSTRESC"].eq("POSITIVE") & in_set(f["USUBJID"], subjects)
     else:
         raise ValueError(f"unknown lab criterion kind {kind}")
 
@@ -106,7 +107,7 @@ def build_checks() -> list[ProtocolCheck]:
                 + site_date_to_iso(f["DIAGDAT"]).fillna("?"))))
         elif kind == "antibody_positive":
             checks.append(ProtocolCheck(
-                item, "enrol_antibody", lambda f: ~f["USUBJID"].isin(f.attrs["antibody_positive"]),
+                item, "enrol_antibody", lambda f: ~in_set(f["USUBJID"], f.attrs["antibody_positive"]),
                 lambda f, i=item: pd.Series("no positive " + " / ".join(i["tests"]) + " result at screening",
                                             index=f.index)))
         else:
@@ -152,7 +153,7 @@ def prepare_frames(dm: pd.DataFrame, lb: pd.DataFrame, qs: pd.DataFrame, ex: pd.
     facts = ["ctx_anticoag", "ctx_phase", "ctx_cohort", "SITEID"]
 
     def with_facts(frame: pd.DataFrame) -> pd.DataFrame:
-        frame = frame[frame["USUBJID"].isin(subject.index)].copy()
+        frame = frame[in_set(frame["USUBJID"], subject.index)].copy()
         for column in facts:
             frame[column] = frame["USUBJID"].map(subject[column])
         return frame

@@ -18,6 +18,7 @@ import pandera.pandas as pa
 
 from pipeline import findings, metadata
 from pipeline.derivations import codelists, lab_unit_conversions as labs
+from pipeline.derivations.distinct_values import in_set
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import compare_partial, is_complete_date, is_site_time, site_date_to_iso
 from pipeline.derivations.visits import is_known_visit, schedule
@@ -327,7 +328,7 @@ def subject_rules(known_subjects: pd.Series | None) -> list[RawRule]:
                                  "expected": rows["src_site"].astype("str")})]
     if known_subjects is not None:
         known = set(known_subjects.dropna())
-        out.append(RawRule("RAW-SUBJID-UNKNOWN", "SUBJID", lambda p: p.frame["SUBJID"].isna() | p.frame["SUBJID"].isin(known),
+        out.append(RawRule("RAW-SUBJID-UNKNOWN", "SUBJID", lambda p: p.frame["SUBJID"].isna() | in_set(p.frame["SUBJID"], known),
                            _value("SUBJID")))
     return out
 
@@ -414,9 +415,9 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
     dm, enrol = raw["dm"], raw["enrol"]
 
     enrolled_subjects = set(enrol.loc[~held["enrol"], "SUBJID"].dropna())
-    no_enrol = ~held["dm"] & ~dm["SUBJID"].isin(set(enrol["SUBJID"].dropna()))
+    no_enrol = ~held["dm"] & ~in_set(dm["SUBJID"], set(enrol["SUBJID"].dropna()))
     extra = [findings.for_rows("RAW-ENROL-MISSING", dm[no_enrol], value=dm.loc[no_enrol, "SUBJID"])]
-    enrol_held = ~held["dm"] & ~no_enrol & ~dm["SUBJID"].isin(enrolled_subjects)
+    enrol_held = ~held["dm"] & ~no_enrol & ~in_set(dm["SUBJID"], enrolled_subjects)
     extra.append(findings.for_rows("RAW-SUBJECT-HELD", dm[enrol_held], value=dm.loc[enrol_held, "SUBJID"],
                                    detail="its enrol.csv record is held back"))
     held["dm"] |= no_enrol | enrol_held
@@ -426,7 +427,7 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
         if name == "dm":
             continue
         frame = raw[name]
-        cascade = ~held[name] & frame["SUBJID"].isin(set(dm["SUBJID"].dropna())) & ~frame["SUBJID"].isin(good_subjects)
+        cascade = ~held[name] & in_set(frame["SUBJID"], set(dm["SUBJID"].dropna())) & ~in_set(frame["SUBJID"], good_subjects)
         extra.append(findings.for_rows("RAW-SUBJECT-HELD", frame[cascade], value=frame.loc[cascade, "SUBJID"],
                                        detail="its dm.csv or enrol.csv record is held back"))
         held[name] |= cascade

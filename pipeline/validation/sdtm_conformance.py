@@ -13,6 +13,7 @@ import pandera.pandas as pa
 
 from pipeline import metadata
 from pipeline.derivations import lab_unit_conversions as labs
+from pipeline.derivations.distinct_values import in_set
 from pipeline.sdtm_datasets import arrow_type, dataset_schema
 
 ISO8601 = r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2})?)?)?)?$"
@@ -58,7 +59,7 @@ def build_schema(dataset: str, dm_subjects: set[str] | None) -> pa.DataFrameSche
     for name in sequence:
         frame_checks.append(pa.Check(lambda f, n=name: ~f[["USUBJID", n]].duplicated(keep=False), name=f"SDTM-SEQ@{name}"))
     if dm_subjects is not None:
-        frame_checks.append(pa.Check(lambda f: f["USUBJID"].isin(dm_subjects), name="SDTM-DM-SUBJECT"))
+        frame_checks.append(pa.Check(lambda f: in_set(f["USUBJID"], dm_subjects), name="SDTM-DM-SUBJECT"))
     if dataset == "lb":
         frame_checks.append(pa.Check(_standard_unit_ok, name="SDTM-STD-UNIT"))
     return pa.DataFrameSchema(columns, checks=frame_checks, ordered=True, name=dataset)

@@ -1,0 +1,136 @@
+"""Benchmark: `mesae run` against the I/O floor at several trial sizes.
+
+For each size it generates a trial with `mesae demo-data` (one transfer per site, so that the run
+and the floor read the same files), then measures:
+- the I/O floor: pyarrow reads every CURRENT CSV of the trial and writes it as Parquet, nothing else;
+- `mesae run` end to end in a fresh process (wall time and peak RSS), and its stages from the
+  Dagster run record (ingest, validation, mapping, reports and publication); the rest is process
+  start-up (imports, instance) and Dagster's event writes between steps.
+It prints a table and writes benchmarks/results.md. Usage:
+
+    .venv/bin/python benchmarks/run_benchmark.py                  # 38, 1,000 and 10,000 subjects
+    .venv/bin/python benchmarks/run_benchmark.py --sizes 38 1000 10000 30000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+HERE = Path(__file__).resolve().parent
+STEPS = {"raw_ingest": "ingest", "raw_contract_validation": "validation", "sdtm_domains": "mapping",
+         "reports": "reports+write"}
+
+
+def io_floor(exports: Path, scratch: Path) -> float:
+    """Seconds for pyarrow to read every CURRENT CSV (in its declared encoding) and write Parquet."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for site in sorted(exports.glob("site-*")):
+        transfer = sorted(p for p in site.iterdir() if p.is_dir())[-1]
+        manifest = json.loads((transfer / "manifest.json").read_text())
+        options = pacsv.ReadOptions(encoding=manifest["encoding"])
+        parse = pacsv.ParseOptions(newlines_in_values=True)
+        for name in manifest["files"]:
+            table = pacsv.read_csv(transfer / name, read_options=options, parse_options=parse)
+            pq.write_table(table, scratch / f"{site.name}-{name}.parquet")
+    return time.perf_counter() - started
+
+
+def run_pipeline(exports: Path, output: Path, home: Path) -> tuple[float, float, dict]:
+    """Wall seconds, peak RSS in MB, and stage seconds of one `mesae run` in its own process."""
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--exports", str(exports),
+                                "--output", str(output)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"mesae run failed: {process.stderr.read().decode()}")
+    return wall, usage.ru_maxrss / 1024, stages(home)
+
+
+def stages(home: Path) -> dict:
+    os.environ["DAGSTER_HOME"] = str(home)
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        run = instance.get_run_records(limit=1)[0]
+        stats = instance.get_run_step_stats(run.dagster_run.run_id)
+        return {STEPS.get(s.step_key, s.step_key): s.end_time - s.start_time for s in stats if s.end_time}
+
+
+def measure(size: int, work: Path) -> dict:
+    root = work / f"n{size}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    exports = root / "exports"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "demo-data", "--out", str(exports), "--subjects",
+                    str(size), "--transfers", "1"], check=True, stdout=subprocess.DEVNULL)
+    generate = time.perf_counter() - started
+    floor = io_floor(exports, root / "floor")
+    wall, rss, steps = run_pipeline(exports, root / "output", root / "home")
+    summary = json.loads((root / "output" / "run.json").read_text())
+    csv_mb = sum(p.stat().st_size for p in exports.rglob("*.csv")) / 1e6
+    return {"subjects": size, "lb_rows": summary["records"].get("lb", 0), "csv_mb": csv_mb, "generate": generate,
+            "floor": floor, "run": wall, "rss_mb": rss, **steps,
+            "overhead": wall - sum(v for k, v in steps.items() if k in STEPS.values())}
+
+
+def report(results: list[dict]) -> str:
+    cores = os.cpu_count()
+    lines = [f"# Benchmark results\n", f"Machine: {cores} cores, Python {sys.version.split()[0]}; "
+             f"one transfer per site; times in seconds (wall), RSS in MB.\n",
+             "| subjects | LB rows | CSV MB | I/O floor | run | peak RSS | ingest | validation | mapping | "
+             "reports+write | start-up + Dagster |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['subjects']:,} | {r['lb_rows']:,} | {r['csv_mb']:.1f} | {r['floor']:.2f} | {r['run']:.2f} | "
+                     f"{r['rss_mb']:.0f} | {r['ingest']:.2f} | {r['validation']:.2f} | {r['mapping']:.2f} | "
+                     f"{r['reports+write']:.2f} | {r['overhead']:.2f} |")
+    by_size = {r["subjects"]: r for r in results}
+    small, mid, large = by_size.get(38), by_size.get(1000), by_size.get(10000)
+    lines.append("")
+    if small:
+        lines.append(f"- Fixed cost (38 subjects, end to end, Dagster start-up included): **{small['run']:.2f} s** "
+                     "(target < 8 s).")
+    if small and large:
+        ratio = (large["run"] - small["run"]) / (large["floor"] - small["floor"])
+        lines.append(f"- Marginal cost against the floor, (run@10,000 - run@38) / (floor@10,000 - floor@38): "
+                     f"**{ratio:.2f}x** (target <= 3x, stretch 2x).")
+    if small and mid and large:
+        linear = (large["run"] - small["run"]) / (mid["run"] - small["run"])
+        lines.append(f"- Linearity, marginal time at 10,000 / marginal time at 1,000: **{linear:.1f}x** (target <= 11x).")
+    if large:
+        lines.append(f"- Peak RSS at 10,000 subjects: **{large['rss_mb']:.0f} MB** (target < 1,536 MB).")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[38, 1000, 10000])
+    parser.add_argument("--work", type=Path, default=HERE / "work", help="scratch folder (default benchmarks/work)")
+    parser.add_argument("--results", type=Path, default=HERE / "results.md")
+    args = parser.parse_args()
+    results = []
+    for size in args.sizes:
+        results.append(measure(size, args.work))
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results[-1].items()}), flush=True)
+    text = report(results)
+    args.results.write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
