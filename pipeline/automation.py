@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 
 from pipeline import transfers
-from pipeline.output_folder import OutputFolderBusy, OutputFolderError
+from pipeline.output_folder import OutputFolderBusy
 
 DEFAULT_CRON = "0 2 * * *"
 DEFAULT_TIMEZONE = "Asia/Shanghai"

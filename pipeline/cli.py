@@ -120,8 +120,17 @@ def preflight(exports: Path, output: Path, zone: str, home: Path) -> None:
             raise UsageError(f"unblinded run needs a readable {path}")
     try:
         OutputFolder(output, zone).check(exports)
-        check_instance_zone(str(home), zone)
-    except (OutputFolderError, ZoneError) as error:
+    except OutputFolderError as error:
+        raise UsageError(str(error)) from None
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import dagster as dg
+
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            check_instance_zone(instance, zone)
+    except ZoneError as error:
         raise UsageError(str(error)) from None
 
 
@@ -157,20 +166,10 @@ def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: fl
 
 
 def failure_reason(result) -> str:
-    """One line: the failed blocking checks, else the first step failure's error."""
-    failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed and e.severity.value == "ERROR"]
-    if failed_checks:
-        return "; ".join(f"sdtm_conformance failed on {e.asset_key.to_user_string()}: {e.description}"
-                         for e in failed_checks)
-    for event in result.all_events:
-        if event.event_type_value in ("STEP_FAILURE", "RUN_FAILURE") and event.event_specific_data is not None:
-            error = getattr(event.event_specific_data, "error", None)
-            if error is not None:
-                cause = error
-                while getattr(cause, "cause", None) is not None:
-                    cause = cause.cause
-                return f"{cause.cls_name}: {cause.message.strip().splitlines()[0] if cause.message else ''}"
-    return "see the run's log in the Dagster UI"
+    """One line: the failed blocking checks, else the innermost error of the failure."""
+    from pipeline.automation import failure_message
+
+    return failure_message(result.all_events) or "see the run's log in the Dagster UI"
 
 
 def print_summary(output: Path, run_id: str) -> None:

@@ -41,6 +41,27 @@ class AccountingError(RuntimeError):
     """Row accounting does not close: a raw row would be lost. A pipeline bug; nothing is published."""
 
 
+class MixedInputsError(RuntimeError):
+    """The datasets to publish come from other transfers than the current ones (a partial
+    re-materialization in the UI): publishing them would mix two nights in one set."""
+
+
+def check_one_input_set(sdtm: dict[str, pd.DataFrame], quarantine: pd.DataFrame, inventory: pd.DataFrame) -> None:
+    """Every record and finding to publish comes from a CURRENT transfer of the inventory."""
+    current = inventory.loc[inventory["STATUS"] == "CURRENT", ["SITEID", "TRANSFER"]]
+    allowed = set(zip(current["SITEID"], current["TRANSFER"]))
+    sources = {(f"sdtm/{name}", s, t) for name, frame in sdtm.items()
+               for s, t in frame[["src_site", "src_transfer"]].astype("str").drop_duplicates().itertuples(index=False)}
+    rows = quarantine[quarantine["ROW"].notna() & quarantine["SITEID"].notna()]
+    sources |= {("quarantine", s, t) for s, t in rows[["SITEID", "TRANSFER"]].drop_duplicates().itertuples(index=False)
+                if t != "unblinded"}
+    stale = sorted(f"{what} from site {s} transfer {t}" for what, s, t in sources if (s, t) not in allowed)
+    if stale:
+        raise MixedInputsError(
+            "the outputs would mix transfers: " + "; ".join(stale[:5]) + f" (current: {sorted(allowed)}); "
+            "materialize the whole job (mesae run) instead of reports/* alone")
+
+
 def _variables(labels: dict[str, str], types: dict[str, str] | None = None) -> list[dict]:
     types = types or {}
     return [{"name": n, "label": l, "type": "Char", "arrow": types.get(n, "string")} for n, l in labels.items()]
@@ -133,6 +154,7 @@ def publish_outputs(folder: OutputFolder, run_id: str, sdtm: dict[str, pd.DataFr
                     inventory: pd.DataFrame, eligibility: pd.DataFrame, traceability: pd.DataFrame,
                     randomization: tuple[int, int] | None, finished_at: datetime) -> tuple[dict, pd.DataFrame]:
     """`randomization` is (rows read, rows used) of the IWRS list in the unblinded zone."""
+    check_one_input_set(sdtm, quarantine, inventory)
     rows, reasons = accounting(sdtm, quarantine, inventory, randomization)
     staging = folder.new_staging(run_id)
     current = inventory[inventory["STATUS"] == "CURRENT"]

@@ -15,24 +15,27 @@ from pipeline.output_folder import OutputFolder, asset_store
 from pipeline.transfers import ExportsRootError
 
 INSTANCE_ZONE_MARKER = "mesae-zone"
+ZONE_KEY = "mesae/zone"
 
 
 class ZoneError(Exception):
     """The Dagster instance or output folder belongs to the other blinding zone."""
 
 
-def check_instance_zone(instance_root: str | None, zone: str) -> None:
-    """A Dagster instance serves one zone, so a blinded run history never holds unblinded logs."""
-    if not instance_root:
-        return
-    marker = Path(instance_root) / INSTANCE_ZONE_MARKER
-    if marker.is_file():
+def check_instance_zone(instance, zone: str) -> None:
+    """A Dagster instance serves one zone, so a blinded run history never holds unblinded logs.
+
+    The zone is recorded in the instance's own storage (so two DAGSTER_HOMEs sharing one
+    PostgreSQL database are caught) and, for people looking at the folder, in $DAGSTER_HOME."""
+    recorded = instance.run_storage.get_cursor_values({ZONE_KEY}).get(ZONE_KEY)
+    marker = Path(instance.root_directory) / INSTANCE_ZONE_MARKER if instance.root_directory else None
+    if recorded is None and marker is not None and marker.is_file():
         recorded = marker.read_text(encoding="utf-8").strip()
-        if recorded != zone:
-            raise ZoneError(f"the Dagster instance at {instance_root} serves the {recorded} zone; "
-                            f"run the {zone} zone with its own DAGSTER_HOME")
-    else:
-        marker.parent.mkdir(parents=True, exist_ok=True)
+    if recorded is not None and recorded != zone:
+        raise ZoneError(f"the Dagster instance at {instance.root_directory} serves the {recorded} zone; "
+                        f"run the {zone} zone with its own DAGSTER_HOME and storage")
+    instance.run_storage.set_cursor_values({ZONE_KEY: zone})
+    if marker is not None and not marker.exists():
         marker.write_text(zone, encoding="utf-8")
 
 
@@ -57,7 +60,8 @@ class StudySettings(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         if not self.exports.is_dir():
             raise ExportsRootError(f"exports folder {self.exports} does not exist or is not a folder")
-        check_instance_zone(context.instance.root_directory if context.instance else None, self.zone)
+        if context.instance is not None:
+            check_instance_zone(context.instance, self.zone)
         folder = self.output
         folder.check(self.exports)
         folder.claim()

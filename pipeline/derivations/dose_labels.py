@@ -6,11 +6,12 @@ all mean 2.5e10 particles. Anything else is not a dose: null here, a finding in 
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from pipeline.derivations.distinct_values import on_distinct_values
 
-_LABEL = r"^(?P<mantissa>\d+(?:\.\d+)?)(?:(?:[eE](?P<exp>\d{1,2}))|(?:x10\^(?P<pow>\d{1,2})))?$"
+_LABEL = r"^(?P<mantissa>[0-9]+(?:\.[0-9]+)?)(?:(?:[eE](?P<exp>[0-9]{1,2}))|(?:x10\^(?P<pow>[0-9]{1,2})))?\Z"
 
 
 @on_distinct_values
@@ -19,4 +20,5 @@ def dose_particles(labels: pd.Series) -> pd.Series:
     parts = labels.str.extract(_LABEL)
     exponent = pd.to_numeric(parts["exp"].fillna(parts["pow"]), errors="coerce").fillna(0)
     mantissa = pd.to_numeric(parts["mantissa"], errors="coerce")
-    return (mantissa * 10.0 ** exponent).astype("float64")
+    particles = (mantissa * 10.0 ** exponent).astype("float64")
+    return particles.where(np.isfinite(particles))

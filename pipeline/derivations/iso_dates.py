@@ -17,9 +17,11 @@ from pipeline.derivations.distinct_values import on_distinct_rows, on_distinct_v
 MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 YEAR_RANGE = (1900, 2100)
 
-_CDASH = r"^(?P<day>\d{2}|UN) (?P<month>" + "|".join(MONTHS) + r"|UNK) (?P<year>\d{4})$"
-_ISO = r"^(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2}))?)?$"
-_TIME = r"^(?:[01]\d|2[0-3]):[0-5]\d$"
+# ASCII digits only ([0-9], not \d, which also matches Arabic-Indic or full-width digits) and \Z,
+# not $ (which also matches before a trailing newline).
+_CDASH = r"^(?P<day>[0-9]{2}|UN) (?P<month>" + "|".join(MONTHS) + r"|UNK) (?P<year>[0-9]{4})\Z"
+_ISO = r"^(?P<year>[0-9]{4})(?:-(?P<month>[0-9]{2})(?:-(?P<day>[0-9]{2}))?)?\Z"
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]"
 
 
 @on_distinct_values
@@ -49,7 +51,7 @@ def site_date_to_iso(values: pd.Series) -> pd.Series:
 @on_distinct_values
 def is_site_time(values: pd.Series) -> pd.Series:
     """True where the text is an HH:MM 24-hour time."""
-    return values.str.match(_TIME).astype("boolean")
+    return values.str.fullmatch(_TIME).astype("boolean")
 
 
 def is_complete_date(iso: pd.Series) -> pd.Series:

@@ -14,13 +14,14 @@ from functools import lru_cache
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pipeline import metadata
 from pipeline.derivations.distinct_values import arrow_text, on_distinct_rows, on_distinct_values
 
-_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
-_PLAIN = re.compile(rf"^{_NUMBER}$")
-_CENSORED = re.compile(rf"^(?P<op><=|>=|<|>)\s*(?P<num>{_NUMBER})$")
+_NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"   # ASCII digits only
+_PLAIN = re.compile(rf"^{_NUMBER}\Z")
+_CENSORED = re.compile(rf"^(?P<op><=|>=|<|>) *(?P<num>{_NUMBER})\Z")
 
 
 def _tests() -> dict:
@@ -92,13 +93,17 @@ def parse_result(results: pd.Series) -> pd.DataFrame:
     qualitative = text.str.upper().isin(["POSITIVE", "NEGATIVE"])
     number = pd.to_numeric(text.where(plain), errors="coerce")
     number = number.fillna(pd.to_numeric(censored["num"], errors="coerce"))
+    finite = np.isfinite(number.astype("float64"))          # 1e999 overflows: not a result
+    plain = plain.fillna(False).astype(bool) & finite
+    operator = censored["op"].where(finite)
     kind = pd.Series("text", index=text.index, dtype="str")
     kind = kind.where(~qualitative, "qualitative")
     kind = kind.where(~is_titre.fillna(False), "titre")
-    kind = kind.where(~(below_lloq.fillna(False) & censored["op"].isna()), "below_lloq")
-    kind = kind.where(censored["op"].isna(), "censored")
-    kind = kind.where(~plain.fillna(False), "number")
-    return pd.DataFrame({"kind": kind, "operator": censored["op"].astype("str"), "number": number.astype("float64")})
+    kind = kind.where(~(below_lloq.fillna(False) & operator.isna()), "below_lloq")
+    kind = kind.where(operator.isna(), "censored")
+    kind = kind.where(~plain, "number")
+    return pd.DataFrame({"kind": kind, "operator": operator.astype("str"),
+                         "number": number.where(finite).astype("float64")})
 
 
 ACCEPTED_KINDS = {
@@ -130,14 +135,17 @@ def _number(text: pd.Series) -> pd.Series:
 
 
 def format_number(values: pd.Series) -> pd.Series:
-    """Shortest text of each number after rounding to 10 significant digits (kills float noise)."""
+    """Shortest text of each number after rounding to 10 significant digits (kills float noise);
+    infinities are null."""
     x = values.to_numpy(dtype="float64", na_value=np.nan)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         magnitude = np.floor(np.log10(np.abs(np.where(x == 0, 1.0, x))))
-    scale = 10.0 ** (9 - magnitude)
-    rounded = np.where(np.isfinite(x), np.round(x * scale) / scale, np.nan)
-    import pyarrow as pa
-
+        scalable = np.isfinite(x) & (magnitude >= -12) & (magnitude <= 9)   # 10**(9 - m) is exact
+        scale = 10.0 ** np.where(scalable, 9 - magnitude, 0)
+        rounded = np.where(scalable, np.round(x * scale) / scale, np.nan)
+    # From 1e10 up, or below 1e-12, the scale is not exact in binary: round those few through text.
+    extreme = np.flatnonzero(np.isfinite(x) & ~scalable)
+    rounded[extreme] = [r if np.isfinite(r := float(f"{v:.10g}")) else v for v in x[extreme]]
     return arrow_text(pa.array(rounded, from_pandas=True).cast(pa.string()), values.index)
 
 

@@ -94,7 +94,7 @@ class Parsed:
 
 
 def _is_integer(values: pd.Series, low, high) -> pd.Series:
-    number = pd.to_numeric(values.where(values.str.fullmatch(r"[+-]?\d+")), errors="coerce")
+    number = pd.to_numeric(values.where(values.str.fullmatch(r"[+-]?[0-9]+")), errors="coerce")
     ok = number.notna()
     if low is not None:
         ok &= number >= low

@@ -16,7 +16,7 @@ from pipeline.derivations import lab_unit_conversions as labs
 from pipeline.derivations.distinct_values import in_set
 from pipeline.sdtm_datasets import arrow_type, dataset_schema
 
-ISO8601 = r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2})?)?)?)?$"
+ISO8601 = r"[0-9]{4}(-[0-9]{2}(-[0-9]{2}(T[0-9]{2}:[0-9]{2}(:[0-9]{2})?)?)?)?"
 NAME = r"^[A-Z][A-Z0-9]{0,7}$"
 
 

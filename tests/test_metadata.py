@@ -1,0 +1,299 @@
+"""What an auditor sees in Dagster for each SDTM asset, checked against the published files and
+the raw exports themselves (read here independently, with the csv module).
+
+Why: the Dagster metadata is the audit trail. A row count that is not the file's, a column
+label that differs from the Parquet label, a column lineage that misses a mapped variable or
+names a column that does not exist, a row-level lineage whose sha256 is not the raw file's, or a
+`mesae trace` that prints another row than the one a record came from, would each tell an
+auditor something false. Everything here reads the session's demo run (`demo_run`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+from functools import cache
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.definitions import build_definitions
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_LINEAGE_ALGORITHMS = {"hardcode", "sequence"}
+
+
+def sdtm_datasets() -> list[str]:
+    """Every SDTM dataset the mapping files declare (SUPP-- included), read from the YAML itself."""
+    out = []
+    for path in sorted((ROOT / "mappings").glob("*.yaml")):
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
+        out.append(mapping["dataset"])
+        if "supplemental" in mapping:
+            out.append(mapping["supplemental"]["dataset"])
+    return out
+
+
+def mapping_of(dataset: str) -> tuple[dict, bool]:
+    """(the mapping file that produces `dataset`, whether it is that mapping's SUPP-- dataset)."""
+    for path in sorted((ROOT / "mappings").glob("*.yaml")):
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if mapping["dataset"] == dataset:
+            return mapping, False
+        if mapping.get("supplemental", {}).get("dataset") == dataset:
+            return mapping, True
+    raise KeyError(dataset)
+
+
+DATASETS = sdtm_datasets()
+
+
+@pytest.fixture(scope="module")
+def run(demo_run):
+    assert demo_run.exit_code == 0, "the demo run failed; see test_demo_run.py"
+    return demo_run
+
+
+@pytest.fixture(scope="module")
+def instance(run):
+    with dg.DagsterInstance.from_config(str(run.home)) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def materializations(instance) -> dict[str, dg.AssetMaterialization]:
+    out = {}
+    for dataset in DATASETS:
+        event = instance.get_latest_materialization_event(dg.AssetKey(["sdtm", dataset]))
+        assert event is not None, f"sdtm/{dataset} was never materialized in the demo run's instance"
+        out[dataset] = event.asset_materialization
+    return out
+
+
+@cache
+def raw_rows(exports: Path, site: str, transfer: str, file: str) -> list[dict[str, str]]:
+    """Data rows of one raw file (header excluded), keyed by upper-case column name, decoded in the
+    encoding its manifest declares. Independent of pipeline.transfers on purpose."""
+    folder = exports / f"site-{site}" / transfer
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8-sig"))
+    codec = "gb18030" if manifest["encoding"].lower() == "gb18030" else "utf-8-sig"
+    text = (folder / file).read_bytes().decode(codec)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [h.strip().upper() for h in next(reader)]
+    return [dict(zip(header, record)) for record in reader]
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- asset metadata -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_row_count_and_uri_are_the_published_files(run, materializations, dataset):
+    metadata = materializations[dataset].metadata
+    path = run.output / "sdtm" / f"{dataset}.parquet"
+    assert metadata["dagster/row_count"].value == pq.ParquetFile(path).metadata.num_rows
+    # The stable published path (output/sdtm is swapped atomically to each new release), not
+    # the release folder it points at today, which the next run replaces.
+    assert metadata["dagster/uri"].value == (run.output.resolve() / "sdtm" / f"{dataset}.parquet").as_uri()
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_column_schema_lists_every_column_with_its_sdtm_label(run, materializations, dataset):
+    columns = materializations[dataset].metadata["dagster/column_schema"].schema.columns
+    arrow = pq.read_schema(run.output / "sdtm" / f"{dataset}.parquet")
+    assert [c.name for c in columns] == arrow.names
+    for column in columns:
+        label = arrow.field(column.name).metadata[b"label"].decode()
+        assert column.description == label, f"{dataset}.{column.name}: Dagster says {column.description!r}, Parquet {label!r}"
+
+
+def expected_lineage(dataset: str) -> dict[str, set[tuple[str, str]]]:
+    """Variables that must have column lineage, from the mapping file: every variable whose
+    algorithm names a `source` or `from` (not hardcode/sequence), with the raw columns it names
+    directly (file.COLUMN or COLUMN of the primary file; $VARIABLE and ctx_ facts are indirect)."""
+    mapping, is_supp = mapping_of(dataset)
+    primary = mapping["source"]
+
+    def direct(references) -> set[tuple[str, str]]:
+        refs = set()
+        for ref in [references] if isinstance(references, str) else (references or []):
+            if ref.startswith("$"):
+                continue
+            if "." in ref:
+                prefix, column = ref.split(".", 1)
+                if not column.startswith("ctx_"):
+                    refs.add(("sdtm/dm" if prefix == "dm" and primary != "dm" else f"raw/{prefix}", column))
+            else:
+                refs.add((f"raw/{primary}", ref))
+        return refs
+
+    if is_supp:
+        values = set()
+        for qualifier in mapping["supplemental"]["qualifiers"]:
+            values |= direct(qualifier["value"].get("source"))
+        return {"QVAL": values, "USUBJID": {(f"raw/{primary}", "SUBJID")}}
+    return {name: direct(spec.get("source")) for name, spec in mapping["variables"].items()
+            if spec["algorithm"] not in NO_LINEAGE_ALGORITHMS and ("source" in spec or "from" in spec)}
+
+
+def raw_columns(file: str) -> set[str]:
+    return set(yaml.safe_load((ROOT / "schemas" / "raw" / f"{file}.yaml").read_text(encoding="utf-8"))["columns"])
+
+
+def sdtm_variables(dataset: str) -> set[str]:
+    schema = yaml.safe_load((ROOT / "schemas" / "sdtm" / f"{dataset}.yaml").read_text(encoding="utf-8"))
+    return {v["name"] for v in schema["variables"]}
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_column_lineage_covers_every_mapped_variable(instance, materializations, dataset):
+    lineage = materializations[dataset].metadata["dagster/column_lineage"].lineage.deps_by_column
+    expected = expected_lineage(dataset)
+    assert expected, f"no variable of {dataset} has a raw source? the expectation is broken"
+    missing = sorted(set(expected) - set(lineage))
+    assert missing == [], f"{dataset}: mapped variables without column lineage: {missing}"
+    materialized = {k.to_user_string() for k in instance.get_asset_keys()}
+    for variable, deps in lineage.items():
+        found = {(d.asset_key.to_user_string(), d.column_name) for d in deps}
+        assert expected.get(variable, set()) <= found, \
+            f"{dataset}.{variable}: lineage {sorted(found)} lacks {sorted(expected[variable] - found)}"
+        for key, column in found:
+            assert key in materialized, f"{dataset}.{variable} depends on {key}, which the run did not materialize"
+            if key == "sdtm/dm":
+                assert column in sdtm_variables("dm"), f"{dataset}.{variable}: DM has no {column}"
+            else:
+                assert key.startswith("raw/") and "randomization" not in key, f"{dataset}.{variable}: {key}"
+                assert column in raw_columns(key.removeprefix("raw/")), \
+                    f"{dataset}.{variable}: {key} has no column {column}"
+
+
+def markdown_rows(markdown: str) -> list[dict[str, str]]:
+    lines = [line.strip() for line in markdown.strip().splitlines() if line.strip().startswith("|")]
+    header = [h.strip() for h in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (v.strip() for v in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_mapping_and_input_transfers_are_recorded(run, materializations, dataset):
+    materialization = materializations[dataset]
+    metadata = materialization.metadata
+    mapping, _ = mapping_of(dataset)
+    assert metadata["mapping_file"].value == f"mappings/{mapping['dataset']}.yaml"
+    assert metadata["mapping_version"].value == materialization.tags["dagster/code_version"]
+
+    # One row per site's CURRENT transfer, with the sha256 of the raw file on disk.
+    current = pq.read_table(run.output / "transfers.parquet").to_pandas()
+    current = current[current["STATUS"] == "CURRENT"]
+    source = f"{mapping['source']}.csv"
+    rows = markdown_rows(metadata["input_transfers"].value)
+    assert sorted((r["site"], r["transfer"]) for r in rows) == sorted(zip(current["SITEID"], current["TRANSFER"]))
+    for row in rows:
+        assert row["file"] == source
+        assert row["sha256"] == sha256_of(run.exports / f"site-{row['site']}" / row["transfer"] / source)
+
+
+def code_versions(defs: dg.Definitions) -> dict[str, str]:
+    graph = defs.resolve_asset_graph()
+    return {d: graph.get(dg.AssetKey(["sdtm", d])).code_version for d in DATASETS}
+
+
+def test_materialized_code_version_is_the_definitions_code_version(tmp_path, materializations):
+    """Otherwise the UI would flag every SDTM asset as changed code right after a run."""
+    versions = code_versions(build_definitions(tmp_path / "e", tmp_path / "o"))
+    assert {d: m.tags["dagster/code_version"] for d, m in materializations.items()} == versions
+
+
+def test_code_version_follows_its_own_mapping_only(tmp_path, monkeypatch):
+    """Editing mappings/lb.yaml changes the code version of sdtm/lb and nothing else; editing
+    mappings/ae.yaml changes sdtm/ae and sdtm/suppae (same mapping), not sdtm/lb."""
+    root = tmp_path / "metadata"
+    shutil.copytree(ROOT / "schemas", root / "schemas")
+    shutil.copytree(ROOT / "mappings", root / "mappings")
+    original = code_versions(build_definitions(tmp_path / "e", tmp_path / "o"))
+    monkeypatch.setenv("MESAE_METADATA_ROOT", str(root))
+    copied = code_versions(build_definitions(tmp_path / "e", tmp_path / "o"))
+    assert copied == original, "an identical copy of the metadata must give identical code versions"
+
+    def edit(file: str, old: str, new: str) -> None:
+        path = root / "mappings" / file
+        text = path.read_text(encoding="utf-8")
+        assert old in text, f"{file} no longer contains {old!r}; update this test"
+        path.write_text(text.replace(old, new), encoding="utf-8")
+
+    edit("lb.yaml", "LBORRESU: {algorithm: assign, source: LBORRESU}",
+         'LBORRESU: {algorithm: assign, source: LBORRESU, note: "unit as printed by the local lab"}')
+    after_lb = code_versions(build_definitions(tmp_path / "e", tmp_path / "o"))
+    assert {d for d in DATASETS if after_lb[d] != copied[d]} == {"lb"}
+
+    edit("ae.yaml", "AETERM:   {algorithm: assign, source: AETERM}",
+         'AETERM:   {algorithm: assign, source: AETERM, note: "verbatim, as reported"}')
+    after_ae = code_versions(build_definitions(tmp_path / "e", tmp_path / "o"))
+    assert {d for d in DATASETS if after_ae[d] != after_lb[d]} == {"ae", "suppae"}
+
+
+# --- row-level lineage --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_row_lineage_points_at_the_raw_row_with_its_sha256(run, dataset):
+    """Every SDTM record has a lineage row (site, transfer, file, row, sha256); the sha256 is the
+    raw file's on disk, and the raw row it names belongs to the record's subject."""
+    lineage = pq.read_table(run.output / "lineage" / f"{dataset}.parquet").to_pandas()
+    records = pq.read_table(run.output / "sdtm" / f"{dataset}.parquet").to_pandas()
+    assert len(lineage) == len(records) > 0
+    assert list(lineage["USUBJID"]) == list(records["USUBJID"])
+    for column in ("SITEID", "TRANSFER", "FILE", "ROW", "SHA256"):
+        assert lineage[column].notna().all(), f"{dataset} lineage has rows without {column}"
+    for (site, transfer, file, sha), group in lineage.groupby(["SITEID", "TRANSFER", "FILE", "SHA256"]):
+        assert sha == sha256_of(run.exports / f"site-{site}" / transfer / file), f"{site}/{transfer}/{file}"
+        rows = raw_rows(run.exports, site, transfer, file)
+        assert group["ROW"].between(1, len(rows)).all()
+        subjects = [rows[row - 1]["SUBJID"] for row in group["ROW"]]
+        assert ["MESAE-" + s for s in subjects] == list(group["USUBJID"]), \
+            f"{dataset}: a lineage row of {site}/{transfer}/{file} names another subject's raw row"
+
+
+def trace_block(run, usubjid: str, seq: int, capsys) -> str:
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    code = main(["trace", usubjid, "LB", str(seq), "--output", str(run.output), "--exports", str(run.exports)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return out
+
+
+def test_trace_prints_the_raw_row_of_an_lb_record(run, capsys):
+    """`mesae trace USUBJID LB SEQ` prints the raw lb.csv row the record came from: checked on the
+    first LB record of every site (UTF-8, gb18030, BOM, lower-case and shuffled headers)."""
+    lb = pq.read_table(run.output / "sdtm" / "lb.parquet").to_pandas()
+    lineage = pq.read_table(run.output / "lineage" / "lb.parquet").to_pandas()
+    joined = lb.join(lineage[["SITEID", "TRANSFER", "FILE", "ROW"]])
+    order = list(yaml.safe_load((ROOT / "schemas" / "raw" / "lb.yaml").read_text(encoding="utf-8"))["columns"])
+    firsts = joined.groupby("SITEID", sort=True).head(1)
+    assert len(firsts) >= 5
+    for record in firsts.itertuples(index=False):
+        raw = raw_rows(run.exports, record.SITEID, record.TRANSFER, record.FILE)[record.ROW - 1]
+        # The record really is that row's: same subject, same original result.
+        assert raw["SUBJID"] == record.USUBJID.removeprefix("MESAE-")
+        assert (raw["LBORRES"] or None) == record.LBORRES
+        out = trace_block(run, record.USUBJID, int(record.LBSEQ), capsys)
+        path = run.exports / f"site-{record.SITEID}" / record.TRANSFER / record.FILE
+        assert f"LB {record.USUBJID} SEQ {int(record.LBSEQ)} <- {path} data row {record.ROW} (sha256 matches)" in out
+        expected = "\n".join(f"  {column:10} {raw.get(column, '')}" for column in order)
+        assert expected in out, f"trace printed\n{out}\nexpected the raw row\n{expected}"
+
+
+def test_trace_of_an_unknown_record_is_a_one_line_error(run, capsys):
+    from pipeline.cli import main
+
+    code = main(["trace", "MESAE-99-999", "LB", "1", "--output", str(run.output), "--exports", str(run.exports)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "MESAE-99-999" in err

@@ -1,0 +1,340 @@
+"""Nightly operations: the new-transfer sensor, the nightly schedule and the failure guidance,
+evaluated with Dagster's own test utilities on transfers written to disk.
+
+Why: the sensor is what starts the pipeline when a site's copy has finished. If it fired on a
+transfer still being copied, the run would reject it (and report a rejection that is not real);
+if it never advanced its cursor, it would start the same run every minute; if it skipped a
+completed transfer, data would wait a day. The guidance is what a data manager reads at 02:00.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from pipeline.automation import DEFAULT_CRON, DEFAULT_TIMEZONE, failure_guidance, failure_message
+from pipeline.definitions import JOB_NAME, build_definitions
+from site_exports import one_subject_trial, write_transfer
+
+T1, T2, T3 = "20261116T220005", "20261123T220005", "20261124T220005"
+
+
+def tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None):
+    """One evaluation of new_transfer_sensor with the cursor a daemon would hand it."""
+    sensor = defs.resolve_sensor_def("new_transfer_sensor")
+    return sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs))
+
+
+@pytest.fixture(scope="module")
+def instance():
+    """Sensors here read no instance state; an in-memory instance is enough and costs nothing."""
+    with dg.DagsterInstance.ephemeral() as instance:
+        yield instance
+
+
+@pytest.fixture
+def exports(tmp_path) -> Path:
+    root = tmp_path / "exports"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def defs(exports, tmp_path) -> dg.Definitions:
+    return build_definitions(exports, tmp_path / "output", "blinded")
+
+
+# --- sensor -------------------------------------------------------------------------------
+
+def test_empty_exports_root_is_skipped(defs, instance):
+    result = tick(defs, instance, None)
+    assert result.run_requests == [] and result.skip_message == "no new complete transfer"
+    assert result.cursor is None
+
+
+def test_missing_exports_root_is_skipped_with_the_reason(tmp_path, instance):
+    defs = build_definitions(tmp_path / "not-there", tmp_path / "output", "blinded")
+    result = tick(defs, instance, None)
+    assert result.run_requests == []
+    assert "does not exist" in result.skip_message and str(tmp_path / "not-there") in result.skip_message
+
+
+def test_new_complete_transfer_requests_a_run_and_advances_the_cursor(defs, exports, instance):
+    write_transfer(exports, "01", T1, one_subject_trial("01"))
+    first = tick(defs, instance, None)
+    assert len(first.run_requests) == 1 and first.skip_message is None
+    request = first.run_requests[0]
+    assert request.tags["mesae/transfers"] == f"01/{T1}"
+    assert json.loads(first.cursor) == {"01": T1}
+    assert defs.resolve_sensor_def("new_transfer_sensor").job_name == JOB_NAME
+
+    # The daemon hands the new cursor back: nothing new, no second run.
+    again = tick(defs, instance, first.cursor)
+    assert again.run_requests == [] and again.skip_message == "no new complete transfer"
+    assert again.cursor == first.cursor
+
+    # A newer complete transfer, and another site: one run, a different run_key.
+    write_transfer(exports, "01", T2, one_subject_trial("01"))
+    write_transfer(exports, "02", T1, one_subject_trial("02"))
+    second = tick(defs, instance, first.cursor)
+    assert len(second.run_requests) == 1
+    assert json.loads(second.cursor) == {"01": T2, "02": T1}
+    assert second.run_requests[0].tags["mesae/transfers"] == f"01/{T2},02/{T1}"
+    assert second.run_requests[0].run_key != request.run_key
+
+    # Same cursor, same run_key: a restarted daemon cannot start the same run twice.
+    replay = tick(defs, instance, first.cursor)
+    assert replay.run_requests[0].run_key == second.run_requests[0].run_key
+
+
+def test_transfer_with_a_file_still_missing_waits_until_complete(defs, exports, instance):
+    """A file listed in the manifest but not yet copied: skip, keep the cursor, pick it up later."""
+    write_transfer(exports, "01", T1, one_subject_trial("01"))
+    cursor = tick(defs, instance, None).cursor
+    folder = write_transfer(exports, "01", T2, one_subject_trial("01"))
+    parked = folder.parent.parent.parent / "lb.csv.copying"
+    shutil.move(folder / "lb.csv", parked)
+
+    waiting = tick(defs, instance, cursor)
+    assert waiting.run_requests == [] and waiting.skip_message == "no new complete transfer"
+    assert waiting.cursor == cursor and json.loads(waiting.cursor) == {"01": T1}
+
+    shutil.move(parked, folder / "lb.csv")  # the copy finishes
+    done = tick(defs, instance, waiting.cursor)
+    assert len(done.run_requests) == 1 and done.run_requests[0].tags["mesae/transfers"] == f"01/{T2}"
+    assert json.loads(done.cursor) == {"01": T2}
+
+
+def test_transfer_with_a_partly_copied_file_waits_until_its_sha256_matches(defs, exports, instance):
+    """All files present, one truncated (sha256 differs from the manifest) while it is copied."""
+    folder = write_transfer(exports, "03", T1, one_subject_trial("03"))
+    full = (folder / "ae.csv").read_bytes()
+    (folder / "ae.csv").write_bytes(full[: len(full) // 2])
+
+    waiting = tick(defs, instance, None)
+    assert waiting.run_requests == [] and waiting.cursor is None
+
+    (folder / "ae.csv").write_bytes(full)
+    done = tick(defs, instance, waiting.cursor)
+    assert len(done.run_requests) == 1 and json.loads(done.cursor) == {"03": T1}
+
+
+def test_broken_manifest_is_never_picked_up(defs, exports, instance):
+    """A rejected transfer (manifest without its file list) never starts a run; the older complete
+    transfer of the site is the one requested, as the pipeline would make it CURRENT."""
+    write_transfer(exports, "01", T1, one_subject_trial("01"))
+    write_transfer(exports, "01", T2, one_subject_trial("01"), manifest_changes={"files": None})
+    first = tick(defs, instance, None)
+    assert first.run_requests[0].tags["mesae/transfers"] == f"01/{T1}"
+    assert json.loads(first.cursor) == {"01": T1}
+    for _ in range(2):  # and it stays that way, tick after tick
+        later = tick(defs, instance, first.cursor)
+        assert later.run_requests == [] and later.cursor == first.cursor
+
+    (exports / "site-01" / T3).mkdir()
+    (exports / "site-01" / T3 / "manifest.json").write_text("{not json", encoding="utf-8")
+    assert tick(defs, instance, first.cursor).run_requests == []
+
+
+def test_generated_trial_in_flight_transfer_is_not_picked_up(tmp_path, instance):
+    """The synthetic trial's last site has a newer transfer still being copied (mrs.csv missing):
+    the sensor requests the complete transfers and leaves that one for later."""
+    from pipeline.synthetic_trial import generate_trial
+
+    trial = generate_trial(tmp_path / "exports", subjects=5)
+    defs = build_definitions(trial.exports, tmp_path / "output", "blinded")
+    sites = sorted(p.name.removeprefix("site-") for p in trial.exports.glob("site-*"))
+    in_flight = [s for s in sites if (trial.exports / f"site-{s}" / T3).is_dir()]
+    assert len(in_flight) == 1 and not (trial.exports / f"site-{in_flight[0]}" / T3 / "mrs.csv").exists()
+
+    result = tick(defs, instance, None)
+    assert json.loads(result.cursor) == {s: T2 for s in sites}
+    assert result.run_requests[0].tags["mesae/transfers"] == ",".join(f"{s}/{T2}" for s in sites)
+    assert tick(defs, instance, result.cursor).run_requests == []
+
+
+# --- schedule -----------------------------------------------------------------------------
+
+def _fire_times(schedule: dg.ScheduleDefinition, start: dt.datetime, n: int) -> list[dt.datetime]:
+    # The iterator the Dagster daemon uses to find a schedule's ticks.
+    from dagster._utils.schedules import cron_string_iterator
+
+    ticks = cron_string_iterator(start.timestamp(), schedule.cron_schedule, schedule.execution_timezone)
+    return [next(ticks) for _ in range(n)]
+
+
+def test_nightly_schedule_default_is_0200_shanghai(tmp_path, monkeypatch):
+    monkeypatch.delenv("MESAE_SCHEDULE_CRON", raising=False)
+    monkeypatch.delenv("MESAE_SCHEDULE_TIMEZONE", raising=False)
+    schedule = build_definitions(tmp_path / "e", tmp_path / "o").resolve_schedule_def("nightly")
+    assert (schedule.cron_schedule, schedule.execution_timezone) == (DEFAULT_CRON, DEFAULT_TIMEZONE)
+    assert (DEFAULT_CRON, DEFAULT_TIMEZONE) == ("0 2 * * *", "Asia/Shanghai")
+    assert schedule.job_name == JOB_NAME
+    first, second = _fire_times(schedule, dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc), 2)
+    # 02:00 in Shanghai is 18:00 UTC the day before.
+    assert first.astimezone(dt.timezone.utc) == dt.datetime(2026, 11, 25, 18, 0, tzinfo=dt.timezone.utc)
+    assert second - first == dt.timedelta(days=1)
+
+    tick_time = first
+    data = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=tick_time))
+    assert len(data.run_requests) == 1 and data.skip_message is None
+    assert data.run_requests[0].tags.get("dagster/schedule_name") == "nightly"
+
+
+def test_nightly_schedule_is_overridable_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MESAE_SCHEDULE_CRON", "30 3 * * 1-5")
+    monkeypatch.setenv("MESAE_SCHEDULE_TIMEZONE", "Europe/Berlin")
+    schedule = build_definitions(tmp_path / "e", tmp_path / "o").resolve_schedule_def("nightly")
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("30 3 * * 1-5", "Europe/Berlin")
+    # Friday 2026-11-27 noon UTC: next ticks are Monday and Tuesday 03:30 Berlin (02:30 UTC in winter).
+    ticks = _fire_times(schedule, dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.timezone.utc), 2)
+    assert [t.astimezone(dt.timezone.utc) for t in ticks] == [
+        dt.datetime(2026, 11, 30, 2, 30, tzinfo=dt.timezone.utc), dt.datetime(2026, 12, 1, 2, 30, tzinfo=dt.timezone.utc)]
+
+
+def test_empty_schedule_variables_mean_the_default(tmp_path, monkeypatch):
+    """`MESAE_SCHEDULE_CRON=` (set but empty, as service files often leave it) must not stop the
+    definitions, and so every `mesae run`, from loading."""
+    monkeypatch.setenv("MESAE_SCHEDULE_CRON", "")
+    monkeypatch.setenv("MESAE_SCHEDULE_TIMEZONE", " ")
+    schedule = build_definitions(tmp_path / "e", tmp_path / "o").resolve_schedule_def("nightly")
+    assert (schedule.cron_schedule, schedule.execution_timezone) == (DEFAULT_CRON, DEFAULT_TIMEZONE)
+
+
+def test_invalid_schedule_is_refused_when_the_definitions_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("MESAE_SCHEDULE_CRON", "every night")
+    with pytest.raises(dg.DagsterInvalidDefinitionError, match="every night"):
+        build_definitions(tmp_path / "e", tmp_path / "o")
+
+
+# --- failure guidance ---------------------------------------------------------------------
+
+def _error_line(error: Exception) -> str:
+    """How the CLI and the failure sensor quote an error: class name and first line."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0]}"
+
+
+def test_guidance_for_a_conformance_failure():
+    import pandas as pd
+
+    from pipeline.assets.checks import conformance_result
+
+    # A real failing evaluation of the blocking check: an LB record with nothing in it.
+    frame = pd.DataFrame({"STUDYID": ["MESAE"], "DOMAIN": ["LB"], "USUBJID": [None]})
+    result = conformance_result(dg.AssetKey(["sdtm", "lb"]), "lb", frame, {"MESAE-01-001"})
+    assert not result.passed
+    message = f"sdtm_conformance failed on sdtm/lb: {result.description}"
+    assert "pipeline bug" in failure_guidance(message)
+    assert "pipeline bug" in failure_guidance("AccountingError: row accounting does not close for lb.csv")
+
+
+def test_guidance_for_a_busy_output_folder(tmp_path):
+    from pipeline.output_folder import OutputFolder, OutputFolderBusy
+
+    holder = OutputFolder(tmp_path / "out", "blinded")
+    holder.acquire(0)
+    try:
+        with pytest.raises(OutputFolderBusy) as busy:
+            OutputFolder(tmp_path / "out", "blinded").acquire(0.2)
+    finally:
+        holder.release()
+    assert "Another run is writing" in failure_guidance(_error_line(busy.value))
+
+
+def test_guidance_for_a_zone_mismatch(tmp_path):
+    from pipeline.output_folder import OutputFolder, OutputFolderError
+    from pipeline.resources import ZoneError, check_instance_zone
+
+    OutputFolder(tmp_path / "out", "blinded").claim()
+    with pytest.raises(OutputFolderError) as folder:
+        OutputFolder(tmp_path / "out", "unblinded").check(tmp_path / "exports")
+    (tmp_path / "home").mkdir()
+    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as dagster_instance:
+        check_instance_zone(dagster_instance, "unblinded")
+        with pytest.raises(ZoneError) as instance:
+            check_instance_zone(dagster_instance, "blinded")
+    for error in (folder.value, instance.value):
+        assert "other blinding zone" in failure_guidance(_error_line(error)), error
+
+
+def test_guidance_for_a_missing_exports_folder(tmp_path):
+    from pipeline.transfers import ExportsRootError, list_transfers
+
+    # A path that happens to contain "zone" must still get the exports advice.
+    with pytest.raises(ExportsRootError) as missing:
+        list_transfers(tmp_path / "blinded-zone" / "exports")
+    assert "exports folder is missing" in failure_guidance(_error_line(missing.value))
+
+
+def test_guidance_for_other_output_folder_problems_is_not_zone_advice(tmp_path):
+    from pipeline.output_folder import OutputFolder, OutputFolderError
+
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    with pytest.raises(OutputFolderError) as inside:
+        OutputFolder(exports / "out", "blinded").check(exports)
+    advice = failure_guidance(_error_line(inside.value))
+    assert "other blinding zone" not in advice and "exports folder is missing" not in advice
+    assert "separate, empty --output folder" in advice
+
+
+@pytest.fixture(scope="module")
+def failed_runs(tmp_path_factory):
+    """Two real runs that fail before any step, recorded in one instance: the output folder busy
+    (its lock held here), and the exports folder gone. Yields (instance, [(result, advice)])."""
+    from pipeline.output_folder import OutputFolder
+
+    tmp = tmp_path_factory.mktemp("failed-runs")
+    exports = tmp / "exports"
+    write_transfer(exports, "01", T1, one_subject_trial("01"))
+    holder = OutputFolder(tmp / "busy-out", "blinded")
+    holder.claim()
+    holder.acquire(0)
+    cases = [(build_definitions(exports, tmp / "busy-out", "blinded", lock_timeout_seconds=0.2),
+              "Another run is writing"),
+             (build_definitions(tmp / "gone", tmp / "out", "blinded"), "exports folder is missing")]
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    with dg.instance_for_test() as instance:
+        try:
+            runs = [(defs.resolve_job_def(JOB_NAME).execute_in_process(instance=instance, raise_on_error=False,
+                                                                      run_config=quiet), advice)
+                    for defs, advice in cases]
+        finally:
+            holder.release()
+        yield instance, runs
+
+
+def test_failure_sensor_reports_the_real_cause_of_a_failed_run(failed_runs, capfd):
+    """End to end: the failure sensor reads the real cause of each failed run from the instance
+    (the run failure event itself only says "Execution of run ... failed") and logs the advice."""
+    from pipeline.automation import FAILURE_EVENTS, failure_guidance_sensor
+
+    instance, runs = failed_runs
+    for result, advice in runs:
+        assert not result.success
+        records = instance.all_logs(result.run_id, of_type={*FAILURE_EVENTS, dg.DagsterEventType.ASSET_CHECK_EVALUATION})
+        message = failure_message([r.dagster_event for r in records])
+        assert advice in failure_guidance(message), message
+        failure = instance.all_logs(result.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)[0].dagster_event
+        context = dg.build_run_status_sensor_context(
+            sensor_name="failure_guidance", dagster_event=failure, dagster_instance=instance,
+            dagster_run=instance.get_run_by_id(result.run_id)).for_run_failure()
+        capfd.readouterr()
+        failure_guidance_sensor(context)  # logs through Dagster's console logger (stderr)
+        logged = capfd.readouterr().err
+        assert f"run {result.run_id} failed: {message} -> " in logged and advice in logged, logged
+
+
+def test_cli_names_the_cause_of_a_run_that_failed_before_any_step(failed_runs):
+    """README: a second run on a busy folder "exits 1 naming the folder"."""
+    from pipeline.cli import failure_reason
+
+    _, runs = failed_runs
+    for result, advice in runs:
+        reason = failure_reason(result)
+        assert advice in failure_guidance(reason), reason
