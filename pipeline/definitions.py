@@ -18,7 +18,7 @@ from pipeline.assets.reports import build_report_assets
 from pipeline.assets.sdtm import build_sdtm_assets
 from pipeline.assets.validated import build_validation_asset
 from pipeline.automation import build_schedule, build_sensor, failure_guidance_sensor
-from pipeline.resources import ArrowFrameStore, StudySettings
+from pipeline.resources import AssetStore, StudySettings
 
 JOB_NAME = "mesae_nightly"
 DEFAULT_EXPORTS = "demo/exports"
@@ -46,7 +46,7 @@ def build_definitions(exports: str | Path, output: str | Path, zone: str = "blin
         schedules=[build_schedule(job)], sensors=[build_sensor(job, exports), failure_guidance_sensor],
         resources={"settings": StudySettings(exports_dir=exports, output_dir=output, zone=zone,
                                              lock_timeout_seconds=lock_timeout_seconds),
-                   "io_manager": ArrowFrameStore(output_dir=output)},
+                   "store": AssetStore(output_dir=output)},
         executor=dg.in_process_executor,
     )
 

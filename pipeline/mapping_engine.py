@@ -25,7 +25,7 @@ from pipeline import metadata
 from pipeline.derivations import codelists
 from pipeline.derivations import lab_unit_conversions as labs
 from pipeline.derivations.baseline import last_observation_before_exposure
-from pipeline.derivations.distinct_values import in_set
+from pipeline.derivations.distinct_values import in_set, lookup
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import iso_datetime, site_date_to_iso
 from pipeline.derivations.sequence import sequence_number, sort_by_keys
@@ -93,14 +93,7 @@ class Work:
             table = self.inputs.validated[prefix].drop_duplicates("SUBJID").set_index("SUBJID")[column]
         else:
             raise MappingError(f"{prefix}.{column}: only subject-level files join row by row; use `from:`")
-        if "subjects" not in self.cache:
-            codes, uniques = pd.factorize(self.frame["SUBJID"], use_na_sentinel=True)
-            self.cache["subjects"] = (codes, pd.Index(uniques))
-        codes, uniques = self.cache["subjects"]
-        per_subject = table.reindex(uniques).reset_index(drop=True)
-        out = per_subject.reindex(codes)   # code -1 (no SUBJID) is not a label: null
-        out.index = self.frame.index
-        return out.astype(table.dtype)
+        return lookup(self.frame["SUBJID"], table)
 
     def sources(self, spec: dict) -> list[pd.Series]:
         source = spec.get("source", [])

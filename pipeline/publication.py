@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import findings, metadata
+from pipeline.derivations.distinct_values import on_distinct_rows
 from pipeline.output_folder import OutputFolder
 from pipeline.sdtm_datasets import dataset_schema, sdtm_table, to_table, write
 
@@ -84,9 +85,13 @@ def lineage_frame(dataset: str, frame: pd.DataFrame, sha: dict[tuple, str]) -> p
     out["TRANSFER"] = frame["src_transfer"].astype("str")
     out["FILE"] = frame["src_file"].astype("str")
     out["ROW"] = frame["src_row"].astype("int64")
-    keys = pd.Series(list(zip(out["SITEID"], out["TRANSFER"], out["FILE"])), index=out.index)
-    out["SHA256"] = keys.map(sha).astype("str")
+    out["SHA256"] = _file_sha256(out["SITEID"], out["TRANSFER"], out["FILE"], sha=sha)
     return out
+
+
+@on_distinct_rows
+def _file_sha256(site: pd.Series, transfer: pd.Series, file: pd.Series, sha: dict[tuple, str]) -> pd.Series:
+    return pd.Series([sha.get(key) for key in zip(site, transfer, file)], dtype="str")
 
 
 def accounting(sdtm: dict[str, pd.DataFrame], quarantine: pd.DataFrame, inventory: pd.DataFrame,

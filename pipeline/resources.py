@@ -77,12 +77,14 @@ class StudySettings(dg.ConfigurableResource):
             self._folder = None
 
 
-class ArrowFrameStore(dg.ConfigurableIOManager):
-    """Stores DataFrame asset values as Arrow IPC files in the output folder's state area.
+class AssetStore(dg.ConfigurableResource):
+    """Where asset values live between steps: Arrow IPC files in the output folder's state area.
 
-    Arrow IPC keeps dtypes (text, nullable integers, categories) and reads back memory-mapped,
-    so handing a million lab rows to the next step costs little; the files belong to the
-    output folder, hence to its blinding zone. `DataFrame.attrs` travel in the schema metadata.
+    Arrow IPC keeps dtypes (text, nullable integers, categories) and reads back memory-mapped, so
+    handing a million lab rows to the next step costs little; the files belong to the output
+    folder, hence to its blinding zone. `DataFrame.attrs` travel in the schema metadata. Assets
+    save and load through this resource and report `MaterializeResult`s, so Dagster records one
+    materialization per asset and no per-input or per-output handling events.
     """
 
     output_dir: str
@@ -90,22 +92,22 @@ class ArrowFrameStore(dg.ConfigurableIOManager):
     def _path(self, key: dg.AssetKey) -> Path:
         return asset_store(Path(self.output_dir)).joinpath(*key.path).with_suffix(".arrow")
 
-    def handle_output(self, context: dg.OutputContext, obj: pd.DataFrame) -> None:
-        path = self._path(context.asset_key)
+    def save(self, key: dg.AssetKey, frame: pd.DataFrame) -> None:
+        path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        table = pa.Table.from_pandas(obj, preserve_index=False)
-        attrs = json.dumps(obj.attrs, sort_keys=True, default=str).encode()
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        attrs = json.dumps(frame.attrs, sort_keys=True, default=str).encode()
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"mesae_attrs": attrs})
         temporary = path.with_suffix(".arrow.tmp")
         with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
         temporary.replace(path)
 
-    def load_input(self, context: dg.InputContext) -> pd.DataFrame:
-        path = self._path(context.asset_key)
+    def load(self, key: dg.AssetKey) -> pd.DataFrame:
+        path = self._path(key)
         if not path.exists():
-            raise dg.Failure(f"{context.asset_key.to_user_string()} has not been materialized for this output "
-                             "folder yet; materialize it (or the whole job) first")
+            raise dg.Failure(f"{key.to_user_string()} has not been materialized for this output folder yet; "
+                             "materialize it (or the whole job) first")
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_file(source).read_all()
         frame = table.to_pandas()

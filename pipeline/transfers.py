@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -255,10 +256,12 @@ def read_csv_file(transfer: Transfer, name: str, data: bytes, schema: dict) -> R
     count = raw.rows
     frame = {c: columns[names.index(c)] if c in names else pa.nulls(count, pa.string()) for c in expected}
     out = pa.table(frame).to_pandas()
+    same = np.zeros(count, dtype=np.int8)   # one value per file: categorical codes, not a list of strings
     coordinates = pd.DataFrame({
-        "src_site": pd.Categorical([transfer.site] * count),
-        "src_transfer": pd.Categorical([transfer.name] * count),
-        "src_file": pd.Categorical([name] * count),
+        "src_site": pd.Categorical.from_codes(same, categories=[transfer.site]) if transfer.site else
+        pd.Categorical([None] * count, categories=["_"]),
+        "src_transfer": pd.Categorical.from_codes(same, categories=[transfer.name]),
+        "src_file": pd.Categorical.from_codes(same, categories=[name]),
         "src_row": pd.Series(range(1, count + 1), dtype="int64"),
         "src_ragged": pd.Series(False, index=range(count)),
     })

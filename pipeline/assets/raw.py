@@ -11,12 +11,11 @@ import hashlib
 import json
 
 import dagster as dg
-from dagster import AssetExecutionContext
 import pandas as pd
 
 from pipeline import findings, metadata, transfers
 from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema, markdown_table
-from pipeline.resources import StudySettings
+from pipeline.resources import AssetStore, StudySettings
 
 EXPORTS_KEY = dg.AssetKey(["exports", "site_transfers"])
 RAW_KEYS = {name: dg.AssetKey(["raw", name]) for name in metadata.RAW_FILES}
@@ -69,24 +68,22 @@ def inventory_frame(all_transfers: list[transfers.Transfer]) -> pd.DataFrame:
     return frame
 
 
-def _raw_outs() -> dict[str, dg.AssetOut]:
-    outs = {
-        name: dg.AssetOut(
-            key=key, group_name="raw", owners=OWNERS, kinds={"csv", "pandas"},
-            description=f"{metadata.raw_schema(name)['file']} of every site's CURRENT transfer, as text, with "
-                        "source coordinates (site, transfer, file, row).",
-        )
+def _raw_specs() -> list[dg.AssetSpec]:
+    specs = [
+        dg.AssetSpec(key, deps=[EXPORTS_KEY], group_name="raw", owners=OWNERS, kinds={"csv", "pandas"},
+                     description=f"{metadata.raw_schema(name)['file']} of every site's CURRENT transfer, as text, "
+                                 "with source coordinates (site, transfer, file, row).")
         for name, key in RAW_KEYS.items()
-    }
-    outs["transfer_inventory"] = dg.AssetOut(key=INVENTORY_KEY, group_name="raw", owners=OWNERS, kinds={"pandas"},
-                                             description="Every transfer folder seen: CURRENT, SUPERSEDED or REJECTED.")
-    outs["ingest_findings"] = dg.AssetOut(key=INGEST_FINDINGS_KEY, group_name="raw", owners=OWNERS, kinds={"pandas"},
-                                          description="Transfer- and file-level findings of the ingest.")
-    return outs
+    ]
+    specs.append(dg.AssetSpec(INVENTORY_KEY, deps=[EXPORTS_KEY], group_name="raw", owners=OWNERS, kinds={"pandas"},
+                              description="Every transfer folder seen: CURRENT, SUPERSEDED or REJECTED."))
+    specs.append(dg.AssetSpec(INGEST_FINDINGS_KEY, deps=[EXPORTS_KEY], group_name="raw", owners=OWNERS,
+                              kinds={"pandas"}, description="Transfer- and file-level findings of the ingest."))
+    return specs
 
 
-@dg.multi_asset(outs=_raw_outs(), deps=[EXPORTS_KEY], name="raw_ingest", can_subset=False)
-def raw_ingest(context: AssetExecutionContext, settings: StudySettings):
+@dg.multi_asset(specs=_raw_specs(), name="raw_ingest", can_subset=False)
+def raw_ingest(settings: StudySettings, store: AssetStore):
     all_transfers = transfers.select_current(transfers.list_transfers(settings.exports))
     current = [t for t in all_transfers if t.status == "CURRENT"]
     inventory = inventory_frame(all_transfers)
@@ -94,30 +91,32 @@ def raw_ingest(context: AssetExecutionContext, settings: StudySettings):
         findings.from_records([p for t in all_transfers for p in t.problems]),
         findings.from_records([f for t in current for raw in t.files.values() for f in raw.findings]),
     ])
-    version = hashlib.sha256("".join(sorted(f"{t.site}{n}{f.sha256}" for t in current for n, f in t.files.items()))
-                              .encode()).hexdigest()
+    version = dg.DataVersion(hashlib.sha256("".join(sorted(
+        f"{t.site}{n}{f.sha256}" for t in current for n, f in t.files.items())).encode()).hexdigest())
     for name, key in RAW_KEYS.items():
         file = metadata.raw_schema(name)["file"]
         parts = [t.files[file].data for t in current]
         frame = pd.concat(parts, ignore_index=True) if parts else empty_raw_frame(name)
+        store.save(key, frame)
         per_site = pd.DataFrame([{"site": t.site, "transfer": t.name, "rows": t.files[file].rows,
                                   "sha256": t.files[file].sha256} for t in current])
-        yield dg.Output(frame, output_name=name, data_version=dg.DataVersion(version), metadata={
+        yield dg.MaterializeResult(asset_key=key, data_version=version, metadata={
             "dagster/row_count": len(frame),
             "dagster/column_schema": dg.TableSchema(columns=[
                 dg.TableColumn(c, "string", description="raw text as exported") for c in metadata.raw_schema(name)["columns"]]),
             "transfers": markdown_table(per_site, 100),
         })
-    yield dg.Output(inventory, output_name="transfer_inventory", data_version=dg.DataVersion(version), metadata={
+    store.save(INVENTORY_KEY, inventory)
+    yield dg.MaterializeResult(asset_key=INVENTORY_KEY, data_version=version, metadata={
         "dagster/row_count": len(inventory),
         "transfers": markdown_table(inventory[INVENTORY_COLUMNS], 100),
         "rejected": int((inventory["STATUS"] == "REJECTED").sum()),
     })
-    yield dg.Output(ingest_findings, output_name="ingest_findings", data_version=dg.DataVersion(version), metadata={
+    store.save(INGEST_FINDINGS_KEY, ingest_findings)
+    yield dg.MaterializeResult(asset_key=INGEST_FINDINGS_KEY, data_version=version, metadata={
         "dagster/row_count": len(ingest_findings), "dagster/column_schema": findings_table_schema(),
         **findings_counts(ingest_findings),
     })
-    context.log.info(f"{len(current)} current transfer(s), {int((inventory['STATUS'] == 'REJECTED').sum())} rejected")
 
 
 def empty_raw_frame(name: str) -> pd.DataFrame:
@@ -134,9 +133,10 @@ def build_randomization_asset() -> dg.AssetsDefinition:
 
     @dg.asset(key=RANDOMIZATION_KEY, group_name="raw", owners=OWNERS, kinds={"csv", "pandas"},
               description="IWRS randomization list (unblinded/randomization.csv), unblinded zone only.")
-    def randomization(settings: StudySettings) -> dg.Output:
+    def randomization(settings: StudySettings, store: AssetStore) -> dg.MaterializeResult:
         frame, problems = transfers.read_randomization(settings.exports)
         frame.attrs["ingest_findings"] = problems
-        return dg.Output(frame, metadata={"dagster/row_count": len(frame), "ingest_findings": len(problems)})
+        store.save(RANDOMIZATION_KEY, frame)
+        return dg.MaterializeResult(metadata={"dagster/row_count": len(frame), "ingest_findings": len(problems)})
 
     return randomization

@@ -18,7 +18,7 @@ from pipeline.assets.raw import INGEST_FINDINGS_KEY, INVENTORY_KEY, RANDOMIZATIO
 from pipeline.assets.sdtm import column_lineage, sdtm_datasets, sdtm_key
 from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RANDOMIZATION_KEY
 from pipeline.publication import publish_outputs
-from pipeline.resources import StudySettings
+from pipeline.resources import AssetStore, StudySettings
 from pipeline.sdtm_datasets import dataset_schema
 from pipeline.validation import protocol_ranges
 
@@ -53,69 +53,62 @@ def traceability_matrix(zone: str) -> pd.DataFrame:
 
 def build_report_assets(zone: str) -> dg.AssetsDefinition:
     datasets = sdtm_datasets()
-    sdtm_keys = {sdtm_key(d) for d in datasets}
-    ins = {d: dg.AssetIn(sdtm_key(d)) for d in datasets}
-    ins.update(enrol=dg.AssetIn(VALIDATED_KEYS["enrol"]), ingest_findings=dg.AssetIn(INGEST_FINDINGS_KEY),
-               raw_findings=dg.AssetIn(FINDINGS_KEY), inventory=dg.AssetIn(INVENTORY_KEY))
-    if zone == "unblinded":
-        ins["randomization"] = dg.AssetIn(VALIDATED_RANDOMIZATION_KEY)
-        ins["randomization_raw"] = dg.AssetIn(RANDOMIZATION_KEY)
-    protocol_inputs = {sdtm_key(d) for d in ("dm", "lb", "qs", "ex")} | {VALIDATED_KEYS["enrol"]}
-    outs = {
-        "protocol_findings": dg.AssetOut(key=PROTOCOL_FINDINGS_KEY, group_name="reports", owners=OWNERS,
-                                         kinds={"pandera", "pandas"},
-                                         description="Protocol deviations of enrolled subjects (WARNING)."),
-        "eligibility_deviations": dg.AssetOut(key=ELIGIBILITY_KEY, group_name="reports", owners=OWNERS,
-                                              kinds={"parquet", "pandas"},
-                                              description="Enrolled subjects who break an eligibility criterion."),
-        "quarantine": dg.AssetOut(key=QUARANTINE_KEY, group_name="reports", owners=OWNERS, kinds={"parquet", "pandas"},
-                                  description="quarantine.parquet: every record held back (ERROR) or flagged "
-                                              "(WARNING), with its reason."),
-        "traceability": dg.AssetOut(key=TRACEABILITY_KEY, group_name="reports", owners=OWNERS, kinds={"html", "pandas"},
-                                    description="Traceability matrix: each SDTM variable, its raw source columns and "
-                                                "algorithm (rendered as reports/traceability.html)."),
-        "publication": dg.AssetOut(key=PUBLICATION_KEY, group_name="reports", owners=OWNERS, kinds={"parquet"},
-                                   description="Publishes the SDTM datasets, quarantine, transfers, lineage and "
-                                               "run.json into the output folder with one atomic swap."),
-    }
-    every_input = {i.key for i in ins.values()}
-    deps = {
-        "protocol_findings": protocol_inputs, "eligibility_deviations": protocol_inputs,
-        "quarantine": {INGEST_FINDINGS_KEY, FINDINGS_KEY, PROTOCOL_FINDINGS_KEY},
-        "traceability": sdtm_keys,
-        "publication": (every_input - {VALIDATED_KEYS["enrol"], INGEST_FINDINGS_KEY, FINDINGS_KEY})
-        | {QUARANTINE_KEY, ELIGIBILITY_KEY, TRACEABILITY_KEY},
-    }
+    sdtm_keys = [sdtm_key(d) for d in datasets]
+    protocol_inputs = [sdtm_key(d) for d in ("dm", "lb", "qs", "ex")] + [VALIDATED_KEYS["enrol"]]
+    randomization = [VALIDATED_RANDOMIZATION_KEY, RANDOMIZATION_KEY] if zone == "unblinded" else []
 
-    @dg.multi_asset(name="reports", outs=outs, ins=ins, internal_asset_deps=deps,
-                    check_specs=[eligibility_spec(ELIGIBILITY_KEY)], can_subset=False)
-    def reports(context: AssetExecutionContext, settings: StudySettings, **inputs: pd.DataFrame):
-        sdtm = {d: inputs[d] for d in datasets}
+    def spec(key, deps, kinds, description):
+        return dg.AssetSpec(key, deps=deps, group_name="reports", owners=OWNERS, kinds=kinds, description=description)
+
+    specs = [
+        spec(PROTOCOL_FINDINGS_KEY, protocol_inputs, {"pandera", "pandas"},
+             "Protocol deviations of enrolled subjects (WARNING)."),
+        spec(ELIGIBILITY_KEY, protocol_inputs, {"parquet", "pandas"},
+             "Enrolled subjects who break an eligibility criterion."),
+        spec(QUARANTINE_KEY, [INGEST_FINDINGS_KEY, FINDINGS_KEY, PROTOCOL_FINDINGS_KEY], {"parquet", "pandas"},
+             "quarantine.parquet: every record held back (ERROR) or flagged (WARNING), with its reason."),
+        spec(TRACEABILITY_KEY, sdtm_keys, {"html", "pandas"},
+             "Traceability matrix: each SDTM variable, its raw source columns and algorithm "
+             "(rendered as reports/traceability.html)."),
+        spec(PUBLICATION_KEY, [*sdtm_keys, QUARANTINE_KEY, INVENTORY_KEY, ELIGIBILITY_KEY, TRACEABILITY_KEY,
+                               *randomization], {"parquet"},
+             "Publishes the SDTM datasets, quarantine, transfers, lineage and run.json into the output folder "
+             "with one atomic swap."),
+    ]
+
+    @dg.multi_asset(name="reports", specs=specs, check_specs=[eligibility_spec(ELIGIBILITY_KEY)], can_subset=False)
+    def reports(context: AssetExecutionContext, settings: StudySettings, store: AssetStore):
+        sdtm = {d: store.load(sdtm_key(d)) for d in datasets}
         protocol_findings, listing = protocol_ranges.evaluate(protocol_ranges.prepare_frames(
-            sdtm["dm"], sdtm["lb"], sdtm["qs"], sdtm["ex"], inputs["enrol"]))
-        yield dg.Output(protocol_findings, output_name="protocol_findings", metadata={
+            sdtm["dm"], sdtm["lb"], sdtm["qs"], sdtm["ex"], store.load(VALIDATED_KEYS["enrol"])))
+        store.save(PROTOCOL_FINDINGS_KEY, protocol_findings)
+        yield dg.MaterializeResult(asset_key=PROTOCOL_FINDINGS_KEY, metadata={
             "dagster/row_count": len(protocol_findings), "dagster/column_schema": findings_table_schema(),
             **findings_counts(protocol_findings)})
-        yield dg.Output(listing, output_name="eligibility_deviations", metadata={
+        store.save(ELIGIBILITY_KEY, listing)
+        yield dg.MaterializeResult(asset_key=ELIGIBILITY_KEY, metadata={
             "dagster/row_count": len(listing), "subjects": int(listing["USUBJID"].nunique()),
             "listing": markdown_table(listing, 50)})
         yield eligibility_result(ELIGIBILITY_KEY, listing)
 
-        quarantine = findings.combine([inputs["ingest_findings"], inputs["raw_findings"], protocol_findings])
-        yield dg.Output(quarantine, output_name="quarantine", metadata={
+        quarantine = findings.combine([store.load(INGEST_FINDINGS_KEY), store.load(FINDINGS_KEY), protocol_findings])
+        store.save(QUARANTINE_KEY, quarantine)
+        yield dg.MaterializeResult(asset_key=QUARANTINE_KEY, metadata={
             "dagster/row_count": len(quarantine), "dagster/column_schema": findings_table_schema(),
             **findings_counts(quarantine), "sample": markdown_table(quarantine, 30)})
 
         matrix = traceability_matrix(zone)
-        yield dg.Output(matrix, output_name="traceability",
-                        metadata={"dagster/row_count": len(matrix), "matrix": markdown_table(matrix, 400)})
+        store.save(TRACEABILITY_KEY, matrix)
+        yield dg.MaterializeResult(asset_key=TRACEABILITY_KEY,
+                                   metadata={"dagster/row_count": len(matrix), "matrix": markdown_table(matrix, 400)})
 
+        counts = (len(store.load(RANDOMIZATION_KEY)), len(store.load(VALIDATED_RANDOMIZATION_KEY))) if randomization else None
         summary, published = publish_outputs(
             folder=settings.output, run_id=context.run_id, sdtm=sdtm, quarantine=quarantine,
-            inventory=inputs["inventory"], eligibility=listing, traceability=matrix,
-            randomization=(len(inputs["randomization_raw"]), len(inputs["randomization"])) if zone == "unblinded" else None,
+            inventory=store.load(INVENTORY_KEY), eligibility=listing, traceability=matrix, randomization=counts,
             finished_at=datetime.now(timezone.utc))
-        yield dg.Output(published, output_name="publication", metadata={
+        store.save(PUBLICATION_KEY, published)
+        yield dg.MaterializeResult(asset_key=PUBLICATION_KEY, metadata={
             "dagster/row_count": len(published), "dagster/uri": settings.output.root.resolve().as_uri(),
             "files": markdown_table(published, 100), "rows": dg.MetadataValue.json(summary["rows"]),
             "not_mapped_reasons": dg.MetadataValue.json(summary["not_mapped_reasons"]),

@@ -10,7 +10,6 @@ column lineage. A new domain is a new mapping file and SDTM schema; no code chan
 import json
 
 import dagster as dg
-from dagster import AssetExecutionContext
 import pandas as pd
 
 from pipeline import metadata
@@ -21,7 +20,7 @@ from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RA
 from pipeline.derivations.iso_dates import site_date_to_iso
 from pipeline.derivations.visits import unscheduled_visit_numbers
 from pipeline.mapping_engine import UNBLINDED_SOURCES, MappingInputs, check_mapping, column_lineage, map_domain
-from pipeline.resources import StudySettings
+from pipeline.resources import AssetStore, StudySettings
 from pipeline.sdtm_datasets import arrow_type, dataset_schema
 
 SDTM_PREFIX = "sdtm"
@@ -163,29 +162,27 @@ def _dataset_metadata(dataset: str, frame: pd.DataFrame, lineage: dict, version:
 
 def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
     """Every SDTM dataset, one asset each, computed in one step (DM first: the others need its
-    reference dates). One step instead of one per domain saves Dagster's per-step and per-input
-    event writes, which cost more than the mapping itself on a small trial; each dataset keeps
-    its own key, code version, checks, metadata and lineage."""
+    reference dates). One step instead of one per domain saves Dagster's per-step event writes,
+    which cost more than the mapping itself on a small trial; each dataset keeps its own key,
+    code version, dependencies, checks, metadata and lineage."""
     mappings = [metadata.mapping(d) for d in metadata.mapping_domains()]
     mappings.sort(key=lambda m: m["dataset"] != "dm")
-    ins, outs, deps, specs = {}, {}, {}, []
+    loads, specs, checks = {}, [], []
     for mapping in mappings:
         check_mapping(mapping)
         dataset, supplemental = mapping["dataset"], mapping.get("supplemental")
         needed = mapping_inputs(mapping, zone)
-        ins.update({k: v for k, v in needed.items() if k != "sdtm_dm"})
-        version = mapping_code_version(mapping)
-        names = [dataset] + ([supplemental["dataset"]] if supplemental else [])
-        for name in names:
-            outs[name] = dg.AssetOut(
-                key=sdtm_key(name), group_name="sdtm", owners=OWNERS, kinds={"parquet", "pandas"}, code_version=version,
-                description=f"SDTM {dataset_schema(name)['label']} (mappings/{dataset}.yaml)")
-            deps[name] = set(needed.values())
-            specs.append(conformance_spec(sdtm_key(name)))
+        loads.update({k: v for k, v in needed.items() if k != "sdtm_dm"})
+        for name in [dataset] + ([supplemental["dataset"]] if supplemental else []):
+            specs.append(dg.AssetSpec(
+                sdtm_key(name), deps=sorted(set(needed.values()), key=str), group_name="sdtm", owners=OWNERS,
+                kinds={"parquet", "pandas"}, code_version=mapping_code_version(mapping),
+                description=f"SDTM {dataset_schema(name)['label']} (mappings/{dataset}.yaml)"))
+            checks.append(conformance_spec(sdtm_key(name)))
 
-    @dg.multi_asset(name="sdtm_domains", outs=outs, ins={k: dg.AssetIn(key=v) for k, v in ins.items()},
-                    internal_asset_deps=deps, check_specs=specs, can_subset=False)
-    def sdtm_domains(context: AssetExecutionContext, settings: StudySettings, **inputs: pd.DataFrame):
+    @dg.multi_asset(name="sdtm_domains", specs=specs, check_specs=checks, can_subset=False)
+    def sdtm_domains(settings: StudySettings, store: AssetStore):
+        inputs = {name: store.load(key) for name, key in loads.items()}
         inventory = inputs["transfer_inventory"]
         current = inventory[inventory["STATUS"] == "CURRENT"]
         validated = {k.removeprefix("validated_"): v for k, v in inputs.items() if k.startswith("validated_")}
@@ -209,7 +206,8 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
                 produced.append((supplemental["dataset"], mapped.supplemental, _supp_lineage(mapping, zone), {}))
             for name, frame, lineage, not_mapped in produced:
                 frame.attrs = {"dataset": name, "source_file": source_file, "not_mapped": not_mapped}
-                yield dg.Output(frame, output_name=name, metadata=_dataset_metadata(
+                store.save(sdtm_key(name), frame)
+                yield dg.MaterializeResult(asset_key=sdtm_key(name), metadata=_dataset_metadata(
                     name, frame, lineage, version, source_file, not_mapped, inventory, file_findings, published))
                 yield conformance_result(sdtm_key(name), name, frame, None if name == "dm" else subjects)
 

@@ -8,14 +8,13 @@ others may not.
 
 
 import dagster as dg
-from dagster import AssetExecutionContext
-import pandas as pd
 
 from pipeline import findings, metadata
 from pipeline.assets.checks import raw_contract_result, raw_contract_spec
 from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema
 from pipeline.assets.raw import RAW_KEYS, RANDOMIZATION_KEY
 from pipeline.validation import randomization as iwrs
+from pipeline.resources import AssetStore
 from pipeline.validation.raw_contract import validate_raw
 
 VALIDATED_KEYS = {name: dg.AssetKey(["validated", name]) for name in metadata.RAW_FILES}
@@ -24,45 +23,42 @@ VALIDATED_RANDOMIZATION_KEY = dg.AssetKey(["validated", "randomization"])
 
 
 def build_validation_asset(zone: str) -> dg.AssetsDefinition:
-    outs = {
-        name: dg.AssetOut(key=key, group_name="validated", owners=OWNERS, kinds={"pandera", "pandas"},
+    raw_keys = list(RAW_KEYS.values()) + ([RANDOMIZATION_KEY] if zone == "unblinded" else [])
+    specs = [dg.AssetSpec(key, deps=raw_keys, group_name="validated", owners=OWNERS, kinds={"pandera", "pandas"},
                           description=f"{metadata.raw_schema(name)['file']} records that passed the raw contract.")
-        for name, key in VALIDATED_KEYS.items()
-    }
-    outs["findings"] = dg.AssetOut(key=FINDINGS_KEY, group_name="validated", owners=OWNERS, kinds={"pandera", "pandas"},
-                                   description="Raw contract findings: every record held back (ERROR) or flagged (WARNING).")
-    ins = {name: dg.AssetIn(key=key) for name, key in RAW_KEYS.items()}
+             for name, key in VALIDATED_KEYS.items()]
+    specs.append(dg.AssetSpec(FINDINGS_KEY, deps=raw_keys, group_name="validated", owners=OWNERS,
+                              kinds={"pandera", "pandas"},
+                              description="Raw contract findings: every record held back (ERROR) or flagged (WARNING)."))
     if zone == "unblinded":
-        ins["randomization"] = dg.AssetIn(key=RANDOMIZATION_KEY)
-        outs["validated_randomization"] = dg.AssetOut(
-            key=VALIDATED_RANDOMIZATION_KEY, group_name="validated", owners=OWNERS, kinds={"pandas"},
-            description="IWRS randomization reconciled with enrol.csv (unblinded zone only).")
-
+        specs.append(dg.AssetSpec(VALIDATED_RANDOMIZATION_KEY, deps=[RANDOMIZATION_KEY, VALIDATED_KEYS["enrol"]],
+                                  group_name="validated", owners=OWNERS, kinds={"pandas"},
+                                  description="IWRS randomization reconciled with enrol.csv (unblinded zone only)."))
     checks = [raw_contract_spec(VALIDATED_KEYS[n], metadata.raw_schema(n)["file"]) for n in metadata.RAW_FILES]
 
-    @dg.multi_asset(outs=outs, ins=ins, name="raw_contract_validation", check_specs=checks, can_subset=False)
-    def raw_contract_validation(context: AssetExecutionContext, **raw: pd.DataFrame):
-        randomization = raw.pop("randomization", None)
+    @dg.multi_asset(specs=specs, name="raw_contract_validation", check_specs=checks, can_subset=False)
+    def raw_contract_validation(store: AssetStore):
+        raw = {name: store.load(key) for name, key in RAW_KEYS.items()}
         validated, raw_findings = validate_raw(raw)
         extra = []
-        if randomization is not None:
-            validated, reconciled, randomization_findings = iwrs.reconcile(randomization, validated)
+        if zone == "unblinded":
+            validated, reconciled, randomization_findings = iwrs.reconcile(store.load(RANDOMIZATION_KEY), validated)
             extra.append(randomization_findings)
         all_findings = findings.combine([raw_findings, *extra])
-        for name in metadata.RAW_FILES:
+        for name, key in VALIDATED_KEYS.items():
             frame = validated[name].reset_index(drop=True)
-            yield dg.Output(frame, output_name=name, metadata={
-                "dagster/row_count": len(frame),
-                "held_back": int(len(raw[name]) - len(frame)),
-            })
-        yield dg.Output(all_findings, output_name="findings", metadata={
+            store.save(key, frame)
+            yield dg.MaterializeResult(asset_key=key, metadata={
+                "dagster/row_count": len(frame), "held_back": int(len(raw[name]) - len(frame))})
+        store.save(FINDINGS_KEY, all_findings)
+        yield dg.MaterializeResult(asset_key=FINDINGS_KEY, metadata={
             "dagster/row_count": len(all_findings), "dagster/column_schema": findings_table_schema(),
-            **findings_counts(all_findings),
-        })
+            **findings_counts(all_findings)})
         for name in metadata.RAW_FILES:
             yield raw_contract_result(VALIDATED_KEYS[name], metadata.raw_schema(name)["file"], all_findings)
-        if randomization is not None:
-            yield dg.Output(reconciled, output_name="validated_randomization",
-                            metadata={"dagster/row_count": len(reconciled)})
+        if zone == "unblinded":
+            store.save(VALIDATED_RANDOMIZATION_KEY, reconciled)
+            yield dg.MaterializeResult(asset_key=VALIDATED_RANDOMIZATION_KEY,
+                                       metadata={"dagster/row_count": len(reconciled)})
 
     return raw_contract_validation

@@ -79,3 +79,13 @@ def arrow_text(array, index) -> pd.Series:
     series = pa.table({"text": array}).to_pandas()["text"]
     series.index = index
     return series.astype("str")
+
+
+def lookup(keys: pd.Series, table: pd.Series) -> pd.Series:
+    """`table[key]` for every row (null where the key is missing): looked up once per distinct
+    key, broadcast by integer code, e.g. a subject's reference date onto a million lab rows."""
+    codes, uniques = pd.factorize(keys, use_na_sentinel=True)
+    per_key = table.reindex(pd.Index(uniques)).reset_index(drop=True)
+    out = per_key.reindex(codes)   # code -1 is not a label: null
+    out.index = keys.index
+    return out.astype(table.dtype)

@@ -16,7 +16,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 from pipeline import findings, metadata
-from pipeline.derivations.distinct_values import in_set
+from pipeline.derivations.distinct_values import in_set, lookup
 from pipeline.derivations.iso_dates import date_part, site_date_to_iso
 from pipeline.derivations.sequence import sort_by_keys
 from pipeline.derivations.visits import schedule
@@ -155,7 +155,7 @@ def prepare_frames(dm: pd.DataFrame, lb: pd.DataFrame, qs: pd.DataFrame, ex: pd.
     def with_facts(frame: pd.DataFrame) -> pd.DataFrame:
         frame = frame[in_set(frame["USUBJID"], subject.index)].copy()
         for column in facts:
-            frame[column] = frame["USUBJID"].map(subject[column])
+            frame[column] = lookup(frame["USUBJID"], subject[column])
         return frame
 
     planned = {str(row["cohort"]): float(row["dose"]) for row in metadata.arms()["escalation"]}
