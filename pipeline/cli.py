@@ -107,7 +107,6 @@ def dagster_home(zone: str) -> Path:
 def preflight(exports: Path, output: Path, zone: str, home: Path) -> None:
     """Everything that makes an invocation unusable, checked before Dagster starts (exit 2)."""
     from pipeline.output_folder import OutputFolder, OutputFolderError
-    from pipeline.resources import ZoneError, check_instance_zone
     from pipeline.transfers import RANDOMIZATION_PATH, ExportsRootError, list_transfers
 
     try:
@@ -121,16 +120,6 @@ def preflight(exports: Path, output: Path, zone: str, home: Path) -> None:
     try:
         OutputFolder(output, zone).check(exports)
     except OutputFolderError as error:
-        raise UsageError(str(error)) from None
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import dagster as dg
-
-    try:
-        with dg.DagsterInstance.from_config(str(home)) as instance:
-            check_instance_zone(instance, zone)
-    except ZoneError as error:
         raise UsageError(str(error)) from None
 
 
@@ -150,10 +139,15 @@ def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: fl
 
     from pipeline.automation import failure_guidance
     from pipeline.definitions import JOB_NAME, build_definitions
+    from pipeline.resources import ZoneError, check_instance_zone
 
     definitions = build_definitions(exports, output, zone, lock_timeout)
     job = definitions.resolve_job_def(JOB_NAME)
     with dg.DagsterInstance.get() as instance:
+        try:
+            check_instance_zone(instance, zone)
+        except ZoneError as error:
+            raise UsageError(str(error)) from None
         result = job.execute_in_process(instance=instance, raise_on_error=False, tags={"mesae/source": "cli"},
                                         run_config=QUIET)
         if result.success:

@@ -143,13 +143,15 @@ def test_documented_example_loads(monkeypatch, tmp_path):
     assert loaded["storage"]["postgres"]["postgres_db"]["scheme"] == "postgresql+psycopg2"
 
 
-def test_shared_database_refuses_the_other_zone(team_run, postgres_url, tmp_path):
+def test_shared_database_refuses_the_other_zone(team_run, postgres_url, tmp_path, capsys):
     """The blinded run's history is in this database; an unblinded instance on the same database
-    must be refused before it writes unblinded logs next to it."""
-    from pipeline.cli import UsageError, preflight
-
+    must be refused (exit 2) before it writes unblinded logs next to it."""
     root, _, _ = team_run
     other_home = tmp_path / "unblinded-home"
     write_instance(other_home, postgres_url)
-    with pytest.raises(UsageError, match="zone"):
-        preflight(root / "exports", tmp_path / "unblinded-output", "unblinded", other_home)
+    capsys.readouterr()
+    code = run_cli("run", "--exports", str(root / "exports"), "--output", str(tmp_path / "unblinded-output"),
+                   "--unblinded", home=other_home)
+    assert code == 2
+    assert "serves the blinded zone" in capsys.readouterr().err
+    assert not (tmp_path / "unblinded-output" / "run.json").exists()

@@ -8,6 +8,8 @@ Failing any of them means the mapping is wrong, so the domain is not published.
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pandera.pandas as pa
 
@@ -77,7 +79,7 @@ def label_problems(dataset: str) -> list[str]:
     if not schema.get("label") or len(schema["label"]) > 40:
         problems.append(f"dataset label {schema.get('label')!r} missing or longer than 40")
     for variable in schema["variables"]:
-        if not pd.Series([variable["name"]]).str.fullmatch(NAME).iloc[0]:
+        if not re.fullmatch(NAME, variable["name"]):
             problems.append(f"variable name {variable['name']} is not 1-8 upper-case letters/digits")
         if not variable.get("label") or len(variable["label"]) > 40:
             problems.append(f"label of {variable['name']} missing or longer than 40 characters")
