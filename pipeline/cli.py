@@ -197,8 +197,9 @@ def demo(args) -> int:
     if code == 0:
         root = Path(__file__).resolve().parent.parent
         print("\nOpen the Dagster UI (from the repository root):")
+        dagster = Path(sys.executable).parent / "dagster"
         print(f"  cd {root} && DAGSTER_HOME={home} MESAE_EXPORTS={exports.absolute()} "
-              f"MESAE_OUTPUT={output.absolute()} dagster dev")
+              f"MESAE_OUTPUT={output.absolute()} {dagster if dagster.exists() else 'dagster'} dev")
         print(f"Trace a record to its raw row:  mesae trace MESAE-01-001 LB 1 --output {output} --exports {exports}")
     return code
 
