@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import __version__
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -99,8 +101,6 @@ def code_version() -> str:
 @lru_cache(maxsize=None)
 def _code_version(root_text: str) -> str:
     root = Path(root_text)
-    from pipeline import __version__
-
     code = sorted(PROJECT_ROOT.joinpath("pipeline").rglob("*.py"))
     data = sorted([*root.joinpath("schemas").rglob("*.yaml"), *root.joinpath("mappings").rglob("*.yaml")])
     return f"{__version__}+{files_digest(code, PROJECT_ROOT)[:8]}{files_digest(data, root)[:8]}"

@@ -14,6 +14,8 @@ from functools import wraps
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def _codes(values: pd.Series) -> tuple[np.ndarray, pd.Series]:
@@ -64,9 +66,6 @@ def on_distinct_values(function: Callable[..., pd.Series | pd.DataFrame]):
 def in_set(values: pd.Series, members) -> pd.Series:
     """`values.isin(members)` for large member sets (subject lists): Arrow's hash lookup instead
     of pandas' per-member conversion of Arrow-backed text."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     member_array = pa.array([m for m in members if m is not None and m == m], type=pa.string())
     found = pc.is_in(pa.array(values.astype("str"), type=pa.string(), from_pandas=True), value_set=member_array)
     return pd.Series(found.to_numpy(zero_copy_only=False), index=values.index).fillna(False).astype(bool)
@@ -74,8 +73,6 @@ def in_set(values: pd.Series, members) -> pd.Series:
 
 def arrow_text(array, index) -> pd.Series:
     """A pandas text Series over an Arrow string array, without a round trip through Python objects."""
-    import pyarrow as pa
-
     series = pa.table({"text": array}).to_pandas()["text"]
     series.index = index
     return series.astype("str")

@@ -18,6 +18,7 @@ import pandera.pandas as pa
 from pipeline import findings, metadata
 from pipeline.derivations.distinct_values import in_set, lookup
 from pipeline.derivations.iso_dates import date_part, site_date_to_iso
+from pipeline.derivations.lab_unit_conversions import format_number
 from pipeline.derivations.sequence import sort_by_keys
 from pipeline.derivations.visits import schedule
 from pipeline.validation.pandera_failures import placed_failures
@@ -35,8 +36,6 @@ class ProtocolCheck:
 
 
 def _fmt(values: pd.Series) -> pd.Series:
-    from pipeline.derivations.lab_unit_conversions import format_number
-
     return format_number(values).fillna("")
 
 
