@@ -499,3 +499,9 @@ def column_lineage(mapping: dict, zone: str) -> dict[str, list[tuple[str, str]]]
     for name, spec in [*mapping["variables"].items(), *mapping.get("context", {}).items()]:
         resolved[name] = sorted(set(refs(spec, primary)))
     return resolved
+
+
+def qualifier_lineage(mapping: dict, qualifier: dict, zone: str) -> list[tuple[str, str]]:
+    """The (raw file, column) pairs a SUPP-- qualifier's QVAL is derived from."""
+    single = {"source": mapping["source"], "dataset": mapping["dataset"], "variables": {"QVAL": qualifier["value"]}}
+    return column_lineage(single, zone)["QVAL"]

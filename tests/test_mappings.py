@@ -6,7 +6,7 @@ import copy
 import pytest
 
 from pipeline import metadata
-from pipeline.mapping_engine import MappingError, check_mapping, column_lineage
+from pipeline.mapping_engine import MappingError, check_mapping, column_lineage, qualifier_lineage
 from pipeline.sdtm_datasets import dataset_schema
 
 
@@ -19,8 +19,7 @@ def used_columns() -> set[tuple[str, str]]:
         used |= {(mapping["source"], c) for c in mapping.get("filter", {}).get("where", {})}
         used |= {(joined, "SUBJID") for joined in mapping.get("join", [])}   # the join key
         for qualifier in mapping.get("supplemental", {}).get("qualifiers", []):
-            shadow = {"source": mapping["source"], "dataset": mapping["dataset"], "variables": {"Q": qualifier["value"]}}
-            used |= set(column_lineage(shadow, "blinded")["Q"])
+            used |= set(qualifier_lineage(mapping, qualifier, "blinded"))
         for reference in mapping.get("unmapped_columns", {}):
             used.add(tuple(reference.split(".", 1)) if "." in reference else (mapping["source"], reference))
     return used

@@ -15,7 +15,8 @@ from pipeline import findings, metadata
 from pipeline.assets.checks import eligibility_result, eligibility_spec
 from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema, markdown_table
 from pipeline.assets.raw import INGEST_FINDINGS_KEY, INVENTORY_KEY, RANDOMIZATION_KEY
-from pipeline.assets.sdtm import column_lineage, sdtm_datasets, sdtm_key
+from pipeline.assets.sdtm import sdtm_datasets, sdtm_key
+from pipeline.mapping_engine import column_lineage, qualifier_lineage
 from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RANDOMIZATION_KEY
 from pipeline.publication import publish_outputs
 from pipeline.resources import AssetStore, StudySettings
@@ -43,8 +44,7 @@ def traceability_matrix(zone: str) -> pd.DataFrame:
                          "ALGORITHM": spec["algorithm"], "SOURCES": ", ".join(sources) or "(assigned)",
                          "NOTE": spec.get("note")})
         for qualifier in mapping.get("supplemental", {}).get("qualifiers", []):
-            shadow = {"source": mapping["source"], "dataset": mapping["dataset"], "variables": {"QVAL": qualifier["value"]}}
-            sources = [f"{file}.csv {column}" for file, column in column_lineage(shadow, zone)["QVAL"]]
+            sources = [f"{file}.csv {column}" for file, column in qualifier_lineage(mapping, qualifier, zone)]
             rows.append({"DATASET": mapping["supplemental"]["dataset"].upper(), "VARIABLE": f"QVAL ({qualifier['qnam']})",
                          "LABEL": qualifier["qlabel"], "ALGORITHM": qualifier["value"]["algorithm"],
                          "SOURCES": ", ".join(sources), "NOTE": None})

@@ -19,7 +19,8 @@ from pipeline.assets.raw import INVENTORY_KEY, RANDOMIZATION_KEY, RAW_KEYS
 from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RANDOMIZATION_KEY
 from pipeline.derivations.iso_dates import site_date_to_iso
 from pipeline.derivations.visits import unscheduled_visit_numbers
-from pipeline.mapping_engine import UNBLINDED_SOURCES, MappingInputs, check_mapping, column_lineage, map_domain
+from pipeline.mapping_engine import (UNBLINDED_SOURCES, MappingInputs, check_mapping, column_lineage, map_domain,
+                                     qualifier_lineage)
 from pipeline.resources import AssetStore, StudySettings
 from pipeline.sdtm_datasets import arrow_type, dataset_schema
 
@@ -126,14 +127,9 @@ def column_metadata(dataset: str, lineage: dict[str, list[tuple[str, str]]]) -> 
 
 
 def _supp_lineage(mapping: dict, zone: str) -> dict[str, list[tuple[str, str]]]:
-    config = mapping["supplemental"]
-    sources = {}
-    for qualifier in config["qualifiers"]:
-        shadow = {"source": mapping["source"], "dataset": mapping["dataset"],
-                  "variables": {"QVAL": qualifier["value"]}}
-        sources.setdefault("QVAL", []).extend(column_lineage(shadow, zone)["QVAL"])
-    sources["USUBJID"] = [(mapping["source"], "SUBJID")]
-    return {k: sorted(set(v)) for k, v in sources.items()}
+    qualifiers = mapping["supplemental"]["qualifiers"]
+    return {"QVAL": sorted({pair for q in qualifiers for pair in qualifier_lineage(mapping, q, zone)}),
+            "USUBJID": [(mapping["source"], "SUBJID")]}
 
 
 def _transfers_table(inventory: pd.DataFrame, files: list[str]) -> pd.DataFrame:
@@ -167,16 +163,17 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
     code version, dependencies, checks, metadata and lineage."""
     mappings = [metadata.mapping(d) for d in metadata.mapping_domains()]
     mappings.sort(key=lambda m: m["dataset"] != "dm")
-    loads, specs, checks = {}, [], []
+    loads, specs, checks, versions = {}, [], [], {}
     for mapping in mappings:
         check_mapping(mapping)
         dataset, supplemental = mapping["dataset"], mapping.get("supplemental")
+        versions[dataset] = mapping_code_version(mapping)
         needed = mapping_inputs(mapping, zone)
         loads.update({k: v for k, v in needed.items() if k != "sdtm_dm"})
         for name in [dataset] + ([supplemental["dataset"]] if supplemental else []):
             specs.append(dg.AssetSpec(
                 sdtm_key(name), deps=sorted(set(needed.values()), key=str), group_name="sdtm", owners=OWNERS,
-                kinds={"parquet", "pandas"}, code_version=mapping_code_version(mapping),
+                kinds={"parquet", "pandas"}, code_version=versions[dataset],
                 description=f"SDTM {dataset_schema(name)['label']} (mappings/{dataset}.yaml)"))
             checks.append(conformance_spec(sdtm_key(name)))
 
@@ -200,7 +197,7 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
                 subjects = set(mapped.frame["USUBJID"])
             source_file = metadata.raw_schema(mapping["source"])["file"]
             file_findings = inputs["findings"][inputs["findings"]["FILE"] == source_file]
-            version = mapping_code_version(mapping)
+            version = versions[dataset]
             produced = [(dataset, mapped.frame, column_lineage(mapping, zone), mapped.not_mapped)]
             if supplemental:
                 produced.append((supplemental["dataset"], mapped.supplemental, _supp_lineage(mapping, zone), {}))
