@@ -97,7 +97,7 @@ def measure(size: int, work: Path) -> dict:
 
 def report(results: list[dict]) -> str:
     cores = os.cpu_count()
-    lines = [f"# Benchmark results\n", f"Machine: {cores} cores, Python {sys.version.split()[0]}; "
+    lines = ["# Benchmark results\n", f"Machine: {cores} cores, Python {sys.version.split()[0]}; "
              f"one transfer per site; times in seconds (wall), RSS in MB.\n",
              "| subjects | LB rows | CSV MB | I/O floor | run | first run (new instance) | floor CPU | run CPU | "
              "peak RSS | ingest | validation | mapping | reports+write | start-up + Dagster |",

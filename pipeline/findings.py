@@ -14,7 +14,6 @@ import pandas as pd
 from pipeline import metadata
 
 COLUMNS = ["SITEID", "TRANSFER", "FILE", "ROW", "SUBJID", "RULE", "SEVERITY", "MESSAGE"]
-SEVERITY_ORDER = {"ERROR": 0, "WARNING": 1}
 
 
 class _Blank(dict):

@@ -10,11 +10,12 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from pipeline import findings, metadata
 from pipeline.derivations.distinct_values import on_distinct_rows
 from pipeline.output_folder import OutputFolder
-from pipeline.sdtm_datasets import dataset_schema, sdtm_table, to_table, write
+from pipeline.sdtm_datasets import sdtm_table, to_table, write
 
 QUARANTINE_LABELS = {
     "SITEID": "Study Site Identifier", "TRANSFER": "Transfer Folder", "FILE": "Raw File",
@@ -68,7 +69,7 @@ def _variables(labels: dict[str, str], types: dict[str, str] | None = None) -> l
     return [{"name": n, "label": l, "type": "Char", "arrow": types.get(n, "string")} for n, l in labels.items()]
 
 
-def _labelled(frame: pd.DataFrame, labels: dict[str, str], label: str, types: dict[str, str]) -> "pa.Table":  # noqa: F821
+def _labelled(frame: pd.DataFrame, labels: dict[str, str], label: str, types: dict[str, str]) -> pa.Table:
     return to_table(frame, _variables(labels, types), {"label": label, "studyid": metadata.study()["studyid"]})
 
 

@@ -31,7 +31,6 @@ from pipeline import findings, metadata
 SITE_FOLDER = re.compile(r"^site-(\d{2})$")
 TRANSFER_FOLDER = re.compile(r"^\d{8}T\d{6}$")
 ENCODINGS = {"utf-8": "utf-8", "gb18030": "gb18030"}
-SOURCE_COLUMNS = ["src_site", "src_transfer", "src_file", "src_row"]
 MANIFEST = "manifest.json"
 
 

@@ -6,7 +6,6 @@ runs once, and each test asserts that the run exited 0, the record is not in SDT
 import json
 from dataclasses import dataclass, field
 
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 

@@ -15,8 +15,6 @@ from pipeline.derivations import codelists
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.validation.raw_contract import held_back_rows, validate_file
 
-RANDOMIZATION_COLUMNS = ["SUBJID", "RANDNO", "TRTGRP", "DOSE"]
-
 
 def reconcile(randomization: pd.DataFrame, validated: dict[str, pd.DataFrame]):
     """(validated frames with unresolvable doses removed, reconciled list, findings)."""
