@@ -9,6 +9,7 @@ integer arithmetic in numpy, the text work is proportional to the distinct value
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from functools import wraps
 
@@ -17,10 +18,35 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+# Factorizations of Arrow-backed columns, by the identity of their (immutable) Arrow data. One raw
+# column is parsed by several rules and derivations; hashing a million values once instead of at
+# every use is the single largest saving in the mapping. Entries go when the Arrow data does.
+_FACTORIZED: dict[int, tuple[weakref.ref, np.ndarray, pd.Index]] = {}
+
+
+def factorized(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
+    """`pd.factorize(values)` (code -1 for null), computed once per Arrow column; read-only codes."""
+    if not isinstance(values.array, pd.arrays.ArrowExtensionArray):
+        return pd.factorize(values, use_na_sentinel=True)
+    data = values.array.__arrow_array__()
+    hit = _FACTORIZED.get(id(data))
+    if hit is None or hit[0]() is not data:
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+        codes = codes.astype(np.int32)   # half the memory of intp; callers widen before arithmetic
+        codes.flags.writeable = False
+        hit = _FACTORIZED[id(data)] = (weakref.ref(data), codes, pd.Index(uniques))
+        weakref.finalize(data, _FACTORIZED.pop, id(data), None)
+    return hit[1], hit[2]
+
 
 def _codes(values: pd.Series) -> tuple[np.ndarray, pd.Series]:
-    codes, uniques = pd.factorize(values, use_na_sentinel=False)
-    return codes.astype(np.int64), pd.Series(uniques, dtype=values.dtype)
+    """Codes with null as a value of its own (the last code), and the distinct values."""
+    codes, uniques = factorized(values)
+    distinct = pd.Series(uniques, dtype=values.dtype)
+    if (codes < 0).any():
+        codes = np.where(codes < 0, len(distinct), codes)
+        distinct = pd.concat([distinct, pd.Series([None], dtype=values.dtype)], ignore_index=True)
+    return codes.astype(np.int64), distinct
 
 
 def on_distinct_rows(function: Callable[..., pd.Series | pd.DataFrame]):
@@ -30,17 +56,18 @@ def on_distinct_rows(function: Callable[..., pd.Series | pd.DataFrame]):
     @wraps(function)
     def broadcast(*columns: pd.Series, **kwargs):
         index = columns[0].index
-        combined = np.zeros(len(index), dtype=np.int64)
-        uniques = []
+        combined, uniques = None, []
         for column in columns:
             codes, distinct = _codes(column)
             # Renumbered after each column, the combined code stays below rows x distinct values.
-            combined = pd.factorize(combined * len(distinct) + codes)[0].astype(np.int64)
+            combined = codes if combined is None else pd.factorize(combined * len(distinct) + codes)[0]
             uniques.append((codes, distinct))
-        _, first, inverse = np.unique(combined, return_index=True, return_inverse=True)
+        # Row of the first occurrence of each combination (the codes are dense, 0..n-1).
+        first = np.empty(int(combined.max()) + 1 if len(combined) else 0, dtype=np.int64)
+        first[combined[::-1]] = np.arange(len(combined) - 1, -1, -1)
         arguments = [distinct.take(codes[first]).reset_index(drop=True) for codes, distinct in uniques]
         result = function(*arguments, **kwargs).reset_index(drop=True)
-        out = result.take(inverse.ravel())
+        out = result.take(combined)
         out.index = index
         return out
 
@@ -53,7 +80,7 @@ def on_distinct_values(function: Callable[..., pd.Series | pd.DataFrame]):
 
     @wraps(function)
     def broadcast(values: pd.Series, *args, **kwargs):
-        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+        codes, uniques = factorized(values)
         distinct = pd.Series(uniques, dtype="str")
         parsed = function(distinct, *args, **kwargs).reset_index(drop=True)
         out = parsed.reindex(codes)  # code -1 is not a label: a missing row
@@ -61,6 +88,40 @@ def on_distinct_values(function: Callable[..., pd.Series | pd.DataFrame]):
         return out
 
     return broadcast
+
+
+# Calls with more distinct values than this are parsed directly: vectorized parsing is already
+# cheap per value there, and remembering would only cost memory.
+REMEMBERED_CALL_SIZE = 4096
+REMEMBERED_VALUES = 100_000
+
+
+def parsed_once(function: Callable[[pd.Series], pd.Series]):
+    """Remember a pure text parser's result per text for the life of the process.
+
+    Under `on_distinct_values`: the same date or time text is parsed by the raw contract, the
+    mapping and the reports, and a parser is many small pandas steps whose cost, on a small trial,
+    is per call rather than per value. Only for functions of the text alone (no arguments, no
+    metadata), so a remembered result can never go stale.
+    """
+    remembered: dict[str, object] = {}
+    result_type: list = []
+
+    @wraps(function)
+    def parse(distinct: pd.Series) -> pd.Series:
+        if len(distinct) > REMEMBERED_CALL_SIZE:
+            return function(distinct)
+        text = distinct.tolist()
+        if len(remembered) + len(text) > REMEMBERED_VALUES:
+            remembered.clear()
+        new = [t for t in text if t not in remembered]
+        if new or not result_type:
+            parsed = function(pd.Series(new, dtype="str"))
+            remembered.update(zip(new, parsed.tolist()))
+            result_type[:] = [parsed.dtype]
+        return pd.Series([remembered[t] for t in text], dtype=result_type[0])
+
+    return parse
 
 
 def in_set(values: pd.Series, members) -> pd.Series:
@@ -81,8 +142,8 @@ def arrow_text(array, index) -> pd.Series:
 def lookup(keys: pd.Series, table: pd.Series) -> pd.Series:
     """`table[key]` for every row (null where the key is missing): looked up once per distinct
     key, broadcast by integer code, e.g. a subject's reference date onto a million lab rows."""
-    codes, uniques = pd.factorize(keys, use_na_sentinel=True)
-    per_key = table.reindex(pd.Index(uniques)).reset_index(drop=True)
+    codes, uniques = factorized(keys)
+    per_key = table.reindex(uniques).reset_index(drop=True)
     out = per_key.reindex(codes)   # code -1 is not a label: null
     out.index = keys.index
     return out.astype(table.dtype)

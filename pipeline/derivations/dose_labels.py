@@ -9,12 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.derivations.distinct_values import on_distinct_values
+from pipeline.derivations.distinct_values import on_distinct_values, parsed_once
 
 _LABEL = r"^(?P<mantissa>[0-9]+(?:\.[0-9]+)?)(?:(?:[eE](?P<exp>[0-9]{1,2}))|(?:x10\^(?P<pow>[0-9]{1,2})))?\Z"
 
 
 @on_distinct_values
+@parsed_once
 def dose_particles(labels: pd.Series) -> pd.Series:
     """Particles per dose (float64) for each label; NaN when the label is not a dose."""
     parts = labels.str.extract(_LABEL)

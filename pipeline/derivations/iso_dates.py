@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.derivations.distinct_values import on_distinct_rows, on_distinct_values
+from pipeline.derivations.distinct_values import on_distinct_rows, on_distinct_values, parsed_once
 
 MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 YEAR_RANGE = (1900, 2100)
@@ -25,6 +25,7 @@ _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]"
 
 
 @on_distinct_values
+@parsed_once
 def site_date_to_iso(values: pd.Series) -> pd.Series:
     """ISO 8601 date (complete or right-truncated) for each site date; null when not a valid date."""
     cdash = values.str.extract(_CDASH)
@@ -49,6 +50,7 @@ def site_date_to_iso(values: pd.Series) -> pd.Series:
 
 
 @on_distinct_values
+@parsed_once
 def is_site_time(values: pd.Series) -> pd.Series:
     """True where the text is an HH:MM 24-hour time."""
     return values.str.fullmatch(_TIME).astype("boolean")
@@ -76,6 +78,7 @@ def _with_time(date_iso: pd.Series, time_text: pd.Series) -> pd.Series:
 
 
 @on_distinct_values
+@parsed_once
 def date_part(iso: pd.Series) -> pd.Series:
     """The calendar date of complete ISO dates/datetimes as datetime64; NaT when partial or null."""
     return pd.to_datetime(iso.str.slice(0, 10).where(is_complete_date(iso)), format="%Y-%m-%d", errors="coerce")

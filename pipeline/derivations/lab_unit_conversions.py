@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline import metadata
-from pipeline.derivations.distinct_values import arrow_text, on_distinct_rows, on_distinct_values
+from pipeline.derivations.distinct_values import arrow_text, on_distinct_rows, on_distinct_values, parsed_once
 
 _NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"   # ASCII digits only
 _PLAIN = re.compile(rf"^{_NUMBER}\Z")
@@ -130,6 +130,7 @@ def result_is_readable(codes: pd.Series, parsed: pd.DataFrame) -> pd.Series:
 
 
 @on_distinct_values
+@parsed_once
 def _number(text: pd.Series) -> pd.Series:
     return pd.to_numeric(text, errors="coerce").astype("float64")
 

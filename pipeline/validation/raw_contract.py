@@ -397,6 +397,11 @@ def held_back_rows(frame: pd.DataFrame, file_findings: pd.DataFrame) -> pd.Serie
     return pd.Series(coordinates.isin(keys), index=frame.index)
 
 
+def rows_where(frame: pd.DataFrame, keep: pd.Series) -> pd.DataFrame:
+    """`frame[keep]`, without copying every column when every row is kept (the usual night)."""
+    return frame if keep.all() else frame[keep.to_numpy()]
+
+
 def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Validated frames (records without ERROR findings) and every finding, for the six files.
 
@@ -410,7 +415,7 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
     by_file, held = {}, {}
     for name in metadata.RAW_FILES:
         ragged = raw[name]["src_ragged"]
-        by_file[name] = validate_file(name, raw[name][~ragged], known if name != "dm" else None)
+        by_file[name] = validate_file(name, rows_where(raw[name], ~ragged), known if name != "dm" else None)
         held[name] = ragged | held_back_rows(raw[name], by_file[name])
     dm, enrol = raw["dm"], raw["enrol"]
 
@@ -439,5 +444,5 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
     extra.append(findings.for_rows("RAW-DOSE-NOT-ENROLLED", ex[not_enrolled], value=ex.loc[not_enrolled, "SUBJID"],
                                    detail=enrolled_flag[not_enrolled]))
     held["ex"] |= not_enrolled
-    validated = {name: raw[name][~held[name]] for name in metadata.RAW_FILES}
+    validated = {name: rows_where(raw[name], ~held[name]) for name in metadata.RAW_FILES}
     return validated, findings.combine([*by_file.values(), *extra])
