@@ -25,7 +25,7 @@ from pipeline import metadata
 from pipeline.derivations import codelists
 from pipeline.derivations import lab_unit_conversions as labs
 from pipeline.derivations.baseline import last_observation_before_exposure
-from pipeline.derivations.distinct_values import in_set, lookup
+from pipeline.derivations.distinct_values import as_text, in_set, lookup
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import iso_datetime, site_date_to_iso
 from pipeline.derivations.sequence import sequence_number, sort_by_keys
@@ -299,7 +299,7 @@ def study_day_algorithm(work: Work, spec: dict) -> pd.Series:
 
 
 def data_cutoff(work: Work, spec: dict) -> pd.Series:
-    transfer = work.frame["src_site"].astype("str") + "/" + work.frame["src_transfer"].astype("str")
+    transfer = as_text(work.frame["src_site"]) + "/" + as_text(work.frame["src_transfer"])
     cutoff = transfer.map(work.inputs.data_cutoff)
     return _text(cutoff.where(work.condition(spec.get("when"))))
 
@@ -428,7 +428,7 @@ def map_domain(mapping: dict, inputs: MappingInputs) -> MappedDomain:
         frame[name] = work.out[name]
     coordinates = [c for c in source.columns if c.startswith("src_")]
     for column in coordinates:
-        frame[column] = work.frame[column].to_numpy()
+        frame[column] = work.frame[column].array
     frame["_row"] = np.arange(len(frame))
     frame = sort_by_keys(frame, schema["keys"], ["src_site", "src_transfer", "src_row"])
     sequence = [v["name"] for v in variables if mapping["variables"][v["name"]].get("algorithm") == "sequence"]

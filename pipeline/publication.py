@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline import findings, metadata
-from pipeline.derivations.distinct_values import on_distinct_rows
+from pipeline.derivations.distinct_values import as_text, on_distinct_rows
 from pipeline.output_folder import OutputFolder
 from pipeline.sdtm_datasets import sdtm_table, to_table, write
 
@@ -53,7 +53,7 @@ def check_one_input_set(sdtm: dict[str, pd.DataFrame], quarantine: pd.DataFrame,
     current = inventory.loc[inventory["STATUS"] == "CURRENT", ["SITEID", "TRANSFER"]]
     allowed = set(zip(current["SITEID"], current["TRANSFER"]))
     sources = {(f"sdtm/{name}", s, t) for name, frame in sdtm.items()
-               for s, t in frame[["src_site", "src_transfer"]].astype("str").drop_duplicates().itertuples(index=False)}
+               for s, t in frame[["src_site", "src_transfer"]].drop_duplicates().astype("str").itertuples(index=False)}
     rows = quarantine[quarantine["ROW"].notna() & quarantine["SITEID"].notna()]
     sources |= {("quarantine", s, t) for s, t in rows[["SITEID", "TRANSFER"]].drop_duplicates().itertuples(index=False)
                 if t != "unblinded"}
@@ -82,9 +82,9 @@ def lineage_frame(dataset: str, frame: pd.DataFrame, sha: dict[tuple, str]) -> p
         out["QNAM"] = frame["QNAM"]
     else:
         out["SEQ"] = frame[seq] if seq else pd.Series(pd.NA, index=frame.index, dtype="Int64")
-    out["SITEID"] = frame["src_site"].astype("str")
-    out["TRANSFER"] = frame["src_transfer"].astype("str")
-    out["FILE"] = frame["src_file"].astype("str")
+    out["SITEID"] = as_text(frame["src_site"])
+    out["TRANSFER"] = as_text(frame["src_transfer"])
+    out["FILE"] = as_text(frame["src_file"])
     out["ROW"] = frame["src_row"].astype("int64")
     out["SHA256"] = _file_sha256(out["SITEID"], out["TRANSFER"], out["FILE"], sha=sha)
     return out

@@ -183,7 +183,7 @@ def evaluate(frames: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFram
         if not mine or frame.empty:
             continue
         schema = pa.DataFrameSchema(checks=[
-            pa.Check(lambda f, c=c: ~c.breach(f), name=f"{c.item['rule']}#{i}") for i, c in mine])
+            pa.Check(lambda f, c=c: ~c.breach(f), name=f"{c.item['rule']}#{i}", ignore_na=False) for i, c in mine])
         try:
             schema.validate(frame, lazy=True)
             continue

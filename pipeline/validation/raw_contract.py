@@ -18,7 +18,7 @@ import pandera.pandas as pa
 
 from pipeline import findings, metadata
 from pipeline.derivations import codelists, lab_unit_conversions as labs
-from pipeline.derivations.distinct_values import in_set
+from pipeline.derivations.distinct_values import as_text, in_set
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import compare_partial, is_complete_date, is_site_time, site_date_to_iso
 from pipeline.derivations.visits import is_known_visit, schedule
@@ -184,7 +184,7 @@ def record_rules(schema: dict) -> list[RawRule]:
     if keys:
         def unique(p: Parsed, k=keys) -> pd.Series:
             key_frame = pd.DataFrame({c: p.canonical(c).fillna("") for c in k})
-            key_frame["src_site"] = p.frame["src_site"].astype("str")
+            key_frame["src_site"] = as_text(p.frame["src_site"])
             return ~key_frame.duplicated(keep=False)
 
         out.append(RawRule("RAW-DUPLICATE", None, unique, lambda rows, k=keys: {
@@ -319,7 +319,7 @@ def subject_rules(known_subjects: pd.Series | None) -> list[RawRule]:
     pattern = metadata.study()["subjid_pattern"]
 
     def own_site(p: Parsed) -> pd.Series:
-        subjid, site = p.frame["SUBJID"], p.frame["src_site"].astype("str")
+        subjid, site = p.frame["SUBJID"], as_text(p.frame["src_site"])
         checkable = subjid.notna() & p.frame["src_site"].notna() & subjid.str.fullmatch(pattern).fillna(False)
         return ~checkable | subjid.str.slice(0, 2).eq(site)
 
@@ -351,7 +351,9 @@ def build_schema(name: str, frame: pd.DataFrame,
         registry[rule.check_name] = rule
     pandera_schema = pa.DataFrameSchema(
         {c: pa.Column(nullable=not spec.get("required", False), checks=by_column[c]) for c, spec in columns.items()},
-        checks=[pa.Check(lambda f, r=rule: r.passes(parsed).reindex(f.index), name=rule.check_name)
+        # ignore_na=False: a record-level rule handles its own nulls; Pandera's would compute
+        # isna() over the whole frame for every such rule.
+        checks=[pa.Check(lambda f, r=rule: r.passes(parsed).reindex(f.index), name=rule.check_name, ignore_na=False)
                 for rule in frame_rules],
         name=schema["file"],
         strict=False,
@@ -392,8 +394,8 @@ def held_back_rows(frame: pd.DataFrame, file_findings: pd.DataFrame) -> pd.Serie
         return pd.Series(False, index=frame.index)
     keys = pd.MultiIndex.from_arrays([errors["SITEID"].fillna("").astype("str"), errors["TRANSFER"].astype("str"),
                                       errors["ROW"].astype("int64")])
-    coordinates = pd.MultiIndex.from_arrays([frame["src_site"].astype("str").fillna(""),
-                                             frame["src_transfer"].astype("str"), frame["src_row"].astype("int64")])
+    coordinates = pd.MultiIndex.from_arrays([as_text(frame["src_site"]).fillna(""),
+                                             as_text(frame["src_transfer"]), frame["src_row"].astype("int64")])
     return pd.Series(coordinates.isin(keys), index=frame.index)
 
 
