@@ -273,6 +273,18 @@ def read_csv_file(transfer: Transfer, name: str, data: bytes, schema: dict) -> R
     return raw
 
 
+CODED_COORDINATES = ("src_site", "src_transfer", "src_file")
+
+
+def stack_transfers(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """One raw file across the current transfers. Its coordinates stay categorical: pandas turns
+    categoricals with different categories into text, a string per row of a million-row file."""
+    for column in CODED_COORDINATES:
+        dtype = pd.CategoricalDtype(sorted({v for part in parts for v in part[column].cat.categories}))
+        parts = [part.astype({column: dtype}) for part in parts]
+    return pd.concat(parts, ignore_index=True)
+
+
 def _shown(text: str) -> str:
     """Header text for a one-line message: control characters (line breaks, NUL) escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -96,7 +96,7 @@ def raw_ingest(settings: StudySettings, store: AssetStore):
     for name, key in RAW_KEYS.items():
         file = metadata.raw_schema(name)["file"]
         parts = [t.files[file].data for t in current]
-        frame = pd.concat(parts, ignore_index=True) if parts else empty_raw_frame(name)
+        frame = transfers.stack_transfers(parts) if parts else empty_raw_frame(name)
         store.save(key, frame)
         per_site = pd.DataFrame([{"site": t.site, "transfer": t.name, "rows": t.files[file].rows,
                                   "sha256": t.files[file].sha256} for t in current])
