@@ -5,9 +5,10 @@ and the floor read the same files), then measures:
 - the I/O floor: pyarrow reads every CURRENT CSV of the trial and writes it as Parquet, nothing else;
 - `mesae run` end to end in a fresh process (wall time and peak RSS), and its stages from the
   Dagster run record (ingest, validation, mapping, reports and publication); the rest is process
-  start-up (imports, instance) and Dagster's event writes between steps. Each size runs twice: the
-  first run also creates the Dagster instance (SQLite schema); the nightly runs against the
-  existing instance are the ones the ratios use (median of three runs up to 10,000 subjects);
+  start-up (imports, instance) and Dagster's event writes between steps. The first run of a size
+  also creates its Dagster instance (SQLite schema); the nightly runs against that instance are
+  the ones the ratios use: three rounds over the sizes, median kept (one run past 10,000
+  subjects); the floor is the median of three too;
 - the import time of the pipeline's definitions, the part of the fixed cost that is Python start-up.
 It prints a table and writes benchmarks/results.md. Usage:
 
@@ -85,7 +86,8 @@ def import_seconds() -> float:
     return sorted(times)[1]
 
 
-def measure(size: int, work: Path) -> dict:
+def prepare(size: int, work: Path) -> dict:
+    """Generates the trial, measures its floor (median of three) and a first run on a new instance."""
     root = work / f"n{size}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -94,17 +96,34 @@ def measure(size: int, work: Path) -> dict:
     subprocess.run([sys.executable, "-m", "pipeline.cli", "demo-data", "--out", str(exports), "--subjects",
                     str(size), "--transfers", "1"], check=True, stdout=subprocess.DEVNULL)
     generate = time.perf_counter() - started
-    floor, floor_cpu = io_floor(exports, root / "floor")
+    floors = sorted(io_floor(exports, root / "floor") for _ in range(3))
     first, _, _ = run_pipeline(exports, root / "output", root / "home")     # creates the Dagster instance
-    # Nightly runs against the existing instance; wall times on a shared host are noisy: median of three.
-    runs = sorted((run_pipeline(exports, root / "output", root / "home") for _ in range(3 if size <= 10000 else 1)),
-                  key=lambda r: r[0])
+    return {"subjects": size, "root": root, "generate": generate, "floor": floors[1][0],
+            "floor_cpu": sorted(f[1] for f in floors)[1], "first_run": first, "runs": []}
+
+
+def summarize(entry: dict) -> dict:
+    """Median nightly run of one size, with its stages and the size of its inputs and outputs."""
+    root = entry.pop("root")
+    runs = sorted(entry.pop("runs"), key=lambda r: r[0])
     wall, rss, steps = runs[len(runs) // 2]
     summary = json.loads((root / "output" / "run.json").read_text())
-    csv_mb = sum(p.stat().st_size for p in exports.rglob("*.csv")) / 1e6
-    return {"subjects": size, "lb_rows": summary["records"].get("lb", 0), "csv_mb": csv_mb, "generate": generate,
-            "floor": floor, "floor_cpu": floor_cpu, "first_run": first, "run": wall, "rss_mb": rss, **steps,
-            "overhead": wall - sum(v for k, v in steps.items() if k in STEPS.values())}
+    csv_mb = sum(p.stat().st_size for p in (root / "exports").rglob("*.csv")) / 1e6
+    return {**entry, "lb_rows": summary["records"].get("lb", 0), "csv_mb": csv_mb, "run": wall, "rss_mb": rss,
+            **steps, "overhead": wall - sum(v for k, v in steps.items() if k in STEPS.values())}
+
+
+def measure(sizes: list[int], work: Path, rounds: int = 3) -> list[dict]:
+    """Nightly runs against the existing instances, in rounds over the sizes (38, 1,000, 10,000,
+    38, ...) so that a slow minute on a shared host does not land on one size only; the median
+    round is kept. Sizes past 10,000 subjects run once."""
+    entries = {size: prepare(size, work) for size in sizes}
+    for _ in range(rounds):
+        for size, entry in entries.items():
+            if size <= 10000 or not entry["runs"]:
+                entry["runs"].append(run_pipeline(entry["root"] / "exports", entry["root"] / "output",
+                                                  entry["root"] / "home"))
+    return [summarize(entry) for entry in entries.values()]
 
 
 def report(results: list[dict], imports: float | None = None) -> str:
@@ -145,10 +164,9 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=HERE / "results.md")
     args = parser.parse_args()
     imports = import_seconds()
-    results = []
-    for size in args.sizes:
-        results.append(measure(size, args.work))
-        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results[-1].items()}), flush=True)
+    results = measure(args.sizes, args.work)
+    for result in results:
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
     text = report(results, imports)
     args.results.write_text(text, encoding="utf-8")
     print(text)

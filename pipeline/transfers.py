@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pandas.api.types import union_categoricals
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
@@ -279,10 +280,10 @@ CODED_COORDINATES = ("src_site", "src_transfer", "src_file")
 def stack_transfers(parts: list[pd.DataFrame]) -> pd.DataFrame:
     """One raw file across the current transfers. Its coordinates stay categorical: pandas turns
     categoricals with different categories into text, a string per row of a million-row file."""
-    for column in CODED_COORDINATES:
-        dtype = pd.CategoricalDtype(sorted({v for part in parts for v in part[column].cat.categories}))
-        parts = [part.astype({column: dtype}) for part in parts]
-    return pd.concat(parts, ignore_index=True)
+    stacked = pd.concat([part.drop(columns=list(CODED_COORDINATES)) for part in parts], ignore_index=True)
+    for position, column in enumerate(CODED_COORDINATES):
+        stacked.insert(position, column, union_categoricals([part[column].array for part in parts], sort_categories=True))
+    return stacked
 
 
 def _shown(text: str) -> str:
