@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,18 +52,34 @@ def io_floor(exports: Path, scratch: Path) -> tuple[float, float]:
     return time.perf_counter() - started, time.process_time() - cpu
 
 
+# Runs `mesae run` and, at exit, writes the process's own peak RSS (VmHWM). The rusage of a child
+# is no good here: Linux keeps, across exec, the peak of the memory the child was forked from, so
+# a 250 MB run would be reported with the benchmark's own size.
+LAUNCH = """import atexit, os, runpy, sys
+def peak():
+    with open("/proc/self/status") as status, open(os.environ["MESAE_BENCH_PEAK"], "w") as out:
+        out.write(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+atexit.register(peak)
+sys.argv = ["mesae", *sys.argv[1:]]
+runpy.run_module("pipeline.cli", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_pipeline(exports: Path, output: Path, home: Path) -> tuple[float, float, dict]:
     """Wall seconds, peak RSS in MB, and stage seconds (plus the process's CPU seconds) of one
     `mesae run` in its own process. CPU seconds are steadier than wall time on a shared host."""
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--exports", str(exports),
-                                "--output", str(output)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"mesae run failed: {process.stderr.read().decode()}")
-    return wall, usage.ru_maxrss / 1024, {**stages(home), "cpu": usage.ru_utime + usage.ru_stime}
+    peak_file = home.parent / "peak-rss-kb"
+    env = {**os.environ, "DAGSTER_HOME": str(home), "MESAE_BENCH_PEAK": str(peak_file)}
+    with tempfile.TemporaryFile() as errors:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-c", LAUNCH, "run", "--exports", str(exports),
+                                    "--output", str(output)], env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        if os.waitstatus_to_exitcode(status) != 0:
+            errors.seek(0)
+            raise RuntimeError(f"mesae run failed: {errors.read().decode(errors='replace')}")
+    return wall, int(peak_file.read_text()) / 1024, {**stages(home), "cpu": usage.ru_utime + usage.ru_stime}
 
 
 def stages(home: Path) -> dict:
