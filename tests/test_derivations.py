@@ -166,6 +166,24 @@ def test_sequence_after_sorting_by_keys():
     assert values(sequence_number(ordered["USUBJID"])) == [1, 2, 1, 2]
 
 
+@pytest.mark.parametrize("keys, expected_rows", [
+    (["TEXT"], [2, 4, 0, 3, 1]),               # text ascending, nulls last, ties in input order
+    (["TEXT", "NUMBER"], [4, 2, 3, 0, 1]),     # a second key breaks the ties; NaN sorts last
+    (["EMPTY", "NUMBER"], [3, 4, 0, 2, 1]),    # a key with no value at all (every code is null)
+    (["SITE", "NUMBER"], [4, 2, 1, 3, 0]),     # categorical: by the category text
+])
+def test_sort_by_keys_orders_codes_like_values(keys, expected_rows):
+    frame = pd.DataFrame({
+        "TEXT": pd.Series(["b", None, "a", "b", "a"], dtype="str"),
+        "NUMBER": [2.0, np.nan, 3.0, 1.0, 1.5],
+        "EMPTY": pd.Series([None] * 5, dtype="str"),
+        "SITE": pd.Categorical(["02", "01", "01", "02", "01"]),
+        "ROW": [0, 1, 2, 3, 4],
+    })
+    assert sort_by_keys(frame, keys)["ROW"].tolist() == expected_rows
+    assert sort_by_keys(frame.iloc[:0], keys).empty
+
+
 def test_baseline_flag_last_result_on_or_before_first_dose():
     frame = pd.DataFrame({
         "USUBJID": ["A"] * 5 + ["B"],

@@ -9,17 +9,23 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pipeline.derivations.distinct_values import factorized
+
 
 def sort_by_keys(frame: pd.DataFrame, keys: list[str], tiebreak: list[str] = ()) -> pd.DataFrame:
     """Rows sorted by the SDTM keys (nulls last), then by the tiebreak columns; index reset.
 
-    Sorts integer codes (each key factorized in sorted order) with one lexsort, which is much
-    cheaper than comparing text keys row against row."""
+    Sorts integer codes with one lexsort, which is much cheaper than comparing text keys row
+    against row: each key's codes (shared with the derivations that hashed it already) become
+    the rank of their value among the key's distinct values."""
     by = [k for k in [*keys, *tiebreak] if k in frame.columns]
     orders = []
     for key in by:
-        codes, _ = pd.factorize(frame[key], sort=True, use_na_sentinel=True)
-        orders.append(np.where(codes < 0, np.iinfo(np.int64).max, codes))
+        codes, uniques = factorized(frame[key])
+        rank = np.empty(len(uniques) + 1, dtype=np.int64)
+        rank[pd.Index(uniques).argsort()] = np.arange(len(uniques))
+        rank[-1] = len(uniques)              # code -1 (null) picks this last entry: nulls sort last
+        orders.append(rank[codes])
     order = np.lexsort(orders[::-1]) if orders else np.arange(len(frame))
     return frame.take(order).reset_index(drop=True)
 
