@@ -105,21 +105,22 @@ def parsed_once(function: Callable[[pd.Series], pd.Series]):
     metadata), so a remembered result can never go stale.
     """
     remembered: dict[str, object] = {}
-    result_type: list = []
+    result_type = None
 
     @wraps(function)
     def parse(distinct: pd.Series) -> pd.Series:
+        nonlocal result_type
         if len(distinct) > REMEMBERED_CALL_SIZE:
             return function(distinct)
         text = distinct.tolist()
         if len(remembered) + len(text) > REMEMBERED_VALUES:
             remembered.clear()
         new = [t for t in text if t not in remembered]
-        if new or not result_type:
+        if new or result_type is None:
             parsed = function(pd.Series(new, dtype="str"))
             remembered.update(zip(new, parsed.tolist()))
-            result_type[:] = [parsed.dtype]
-        return pd.Series([remembered[t] for t in text], dtype=result_type[0])
+            result_type = parsed.dtype
+        return pd.Series([remembered[t] for t in text], dtype=result_type)
 
     return parse
 

@@ -13,13 +13,13 @@ import pandas as pd
 from pipeline import findings
 from pipeline.derivations import codelists
 from pipeline.derivations.dose_labels import dose_particles
-from pipeline.validation.raw_contract import held_back_rows, validate_file
+from pipeline.validation.raw_contract import held_back_rows, rows_where, validate_file
 
 
 def reconcile(randomization: pd.DataFrame, validated: dict[str, pd.DataFrame]):
     """(validated frames with unresolvable doses removed, reconciled list, findings)."""
     ragged = randomization["src_ragged"]
-    out = [validate_file("randomization", randomization[~ragged], None),
+    out = [validate_file("randomization", rows_where(randomization, ~ragged), None),
            findings.from_records(randomization.attrs.get("ingest_findings", []))]
     usable = randomization[~ragged & ~held_back_rows(randomization, out[0])]
 

@@ -46,7 +46,8 @@ def build_schema(dataset: str, dm_subjects: set[str] | None) -> pa.DataFrameSche
     columns = {}
     for variable in schema["variables"]:
         name, kind = variable["name"], arrow_type(variable)
-        checks = [pa.Check(lambda s, k=kind: _type_ok(s, k), name=f"SDTM-TYPE@{name}", element_wise=False)]
+        checks = [pa.Check(lambda s, k=kind: _type_ok(s, k), name=f"SDTM-TYPE@{name}", element_wise=False,
+                           ignore_na=False)]
         if variable.get("codelist"):
             allowed = submission_values(variable["codelist"])
             checks.append(pa.Check(lambda s, a=allowed: s.isna() | s.isin(a), name=f"SDTM-CODELIST@{name}",
