@@ -239,5 +239,14 @@ def trace(args) -> int:
     return 0
 
 
+def console() -> int:
+    """The `mesae` command: tunes the garbage collector before the heavy imports, which make
+    most of the objects it would otherwise walk again and again (pipeline/garbage_collection.py)."""
+    from pipeline.garbage_collection import tune_for_pipeline_process
+
+    tune_for_pipeline_process()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

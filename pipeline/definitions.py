@@ -3,7 +3,8 @@
 `dagster dev` (through workspace.yaml) loads `defs` with the zone, exports and output from the
 environment: MESAE_UNBLINDED=1 selects the unblinded zone, MESAE_EXPORTS and MESAE_OUTPUT the
 folders (defaults: the demo trial's). The blinded definitions contain no asset that can read
-`unblinded/`: the zones differ in code, not only in configuration.
+`unblinded/`: the zones differ in code, not only in configuration. Loading them tunes the
+process's garbage collector for a pipeline run (pipeline/garbage_collection.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pipeline.assets.reports import build_report_assets
 from pipeline.assets.sdtm import build_sdtm_assets
 from pipeline.assets.validated import build_validation_asset
 from pipeline.automation import build_schedule, build_sensor, failure_guidance_sensor
+from pipeline.garbage_collection import tune_for_pipeline_process
 from pipeline.resources import AssetStore, StudySettings
 
 JOB_NAME = "mesae_nightly"
@@ -51,5 +53,6 @@ def build_definitions(exports: str | Path, output: str | Path, zone: str = "blin
     )
 
 
+tune_for_pipeline_process()
 defs = build_definitions(os.environ.get("MESAE_EXPORTS", DEFAULT_EXPORTS), os.environ.get("MESAE_OUTPUT", DEFAULT_OUTPUT),
                          zone_from_environment())
