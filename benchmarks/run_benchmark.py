@@ -9,7 +9,9 @@ and the floor read the same files), then measures:
   also creates its Dagster instance (SQLite schema); the nightly runs against that instance are
   the ones the ratios use: three rounds over the sizes, median kept (one run past 10,000
   subjects); the floor is the median of three too;
-- the import time of the pipeline's definitions, the part of the fixed cost that is Python start-up.
+- the import time of the pipeline's definitions, the part of the fixed cost that is Python start-up;
+- the Dagster floor (benchmarks/dagster_floor.py): the same asset graph with steps that do
+  nothing, in each round, so that the fixed cost splits into Dagster's and the pipeline's own.
 It prints a table and writes benchmarks/results.md. Usage:
 
     .venv/bin/python benchmarks/run_benchmark.py                  # 38, 1,000 and 10,000 subjects
@@ -119,6 +121,16 @@ def prepare(size: int, work: Path) -> dict:
             "floor_cpu": sorted(f[1] for f in floors)[1], "first_run": first, "runs": []}
 
 
+def dagster_floor(home: Path) -> float:
+    """Wall seconds of benchmarks/dagster_floor.py in a fresh process against the instance in `home`."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(HERE / "dagster_floor.py")], check=True, env={**os.environ, "DAGSTER_HOME": str(home)},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
 def summarize(entry: dict) -> dict:
     """Median nightly run of one size, with its stages and the size of its inputs and outputs."""
     root = entry.pop("root")
@@ -136,12 +148,18 @@ def measure(sizes: list[int], work: Path, rounds: int = 5) -> list[dict]:
     38, ...): this host's speed drifts by a third over minutes, so the differences between sizes
     are taken within a round (see `paired`). Sizes past 10,000 subjects run once."""
     entries = {size: prepare(size, work) for size in sizes}
+    floors = []
+    dagster_floor(work / "dagster-floor")                                   # creates its instance
     for _ in range(rounds):
+        floors.append(dagster_floor(work / "dagster-floor"))
         for size, entry in entries.items():
             if size <= 10000 or not entry["runs"]:
                 entry["runs"].append(run_pipeline(entry["root"] / "exports", entry["root"] / "output",
                                                   entry["root"] / "home"))
-    return [summarize(entry) for entry in entries.values()]
+    results = [summarize(entry) for entry in entries.values()]
+    for result in results:
+        result["round_dagster_floor"] = floors
+    return results
 
 
 def paired(large: dict, small: dict, key: str) -> float:
@@ -168,6 +186,10 @@ def report(results: list[dict], imports: float | None = None) -> str:
     if small:
         lines.append(f"- Fixed cost (38 subjects, end to end, Dagster start-up included): **{small['run']:.2f} s** "
                      "(target < 8 s)" + (f"; of which importing the definitions {imports:.2f} s." if imports else "."))
+        floors = small["round_dagster_floor"]
+        lines.append(f"- Dagster floor (the same asset graph, its steps doing nothing; imports included): "
+                     f"**{sorted(floors)[len(floors) // 2]:.2f} s**; the 38-subject run takes "
+                     f"**{paired(small, {'round_wall': floors}, 'round_wall'):.2f} s** more (median within a round).")
     if small and large:
         ratio = paired(large, small, "round_wall") / (large["floor"] - small["floor"])
         cpu_ratio = paired(large, small, "round_cpu") / (large["floor_cpu"] - small["floor_cpu"])
