@@ -48,3 +48,20 @@ def test_ratios_are_left_out_when_a_size_is_missing(benchmark):
     text = benchmark.report([row(38, floor=0.1, walls=[9.0, 9.1, 9.2], floor_cpu=0.1, cpus=[8.5, 8.6, 8.7])])
     assert "Fixed cost" in text
     assert "Marginal" not in text and "Linearity" not in text and "Peak RSS" not in text
+
+
+def test_dagster_floor_runs_the_pipelines_own_asset_graph():
+    """The floor is only a floor of *this* pipeline if its graph is the pipeline's, step for step."""
+    import dagster as dg
+
+    spec = importlib.util.spec_from_file_location("dagster_floor", SCRIPT.parent / "dagster_floor.py")
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    real = floor.pipeline_steps()
+    job = floor.floor_job()
+    assert {n.name: set(n.definition.output_dict) for n in job.graph.node_dict.values()} == \
+           {s.node_def.name: set(s.node_def.output_dict) for s in real}
+    result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    assert len(result.get_asset_materialization_events()) == sum(len(s.keys) for s in real)
+    assert len(result.get_asset_check_evaluations()) == sum(len(s.check_keys) for s in real)
