@@ -7,7 +7,7 @@ and the floor read the same files), then measures:
   Dagster run record (ingest, validation, mapping, reports and publication); the rest is process
   start-up (imports, instance) and Dagster's event writes between steps. The first run of a size
   also creates its Dagster instance (SQLite schema); the nightly runs against that instance are
-  the ones the ratios use: three rounds over the sizes, median kept (one run past 10,000
+  the ones the ratios use: five rounds over the sizes, median kept (one run past 10,000
   subjects); the floor is the median of three too;
 - the import time of the pipeline's definitions, the part of the fixed cost that is Python start-up;
 - the Dagster floor (benchmarks/dagster_floor.py): the same asset graph with steps that do
@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median_high
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -102,7 +103,7 @@ def import_seconds() -> float:
         subprocess.run([sys.executable, "-c", "import pipeline.definitions"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(time.perf_counter() - started)
-    return sorted(times)[1]
+    return median_high(times)
 
 
 def prepare(size: int, work: Path) -> dict:
@@ -115,10 +116,10 @@ def prepare(size: int, work: Path) -> dict:
     subprocess.run([sys.executable, "-m", "pipeline.cli", "demo-data", "--out", str(exports), "--subjects",
                     str(size), "--transfers", "1"], check=True, stdout=subprocess.DEVNULL)
     generate = time.perf_counter() - started
-    floors = sorted(io_floor(exports, root / "floor") for _ in range(3))
+    floors = [io_floor(exports, root / "floor") for _ in range(3)]
     first, _, _ = run_pipeline(exports, root / "output", root / "home")     # creates the Dagster instance
-    return {"subjects": size, "root": root, "generate": generate, "floor": floors[1][0],
-            "floor_cpu": sorted(f[1] for f in floors)[1], "first_run": first, "runs": []}
+    return {"subjects": size, "root": root, "generate": generate, "floor": median_high(f[0] for f in floors),
+            "floor_cpu": median_high(f[1] for f in floors), "first_run": first, "runs": []}
 
 
 def dagster_floor(home: Path) -> float:
@@ -162,11 +163,10 @@ def measure(sizes: list[int], work: Path, rounds: int = 5) -> list[dict]:
     return results
 
 
-def paired(large: dict, small: dict, key: str) -> float:
-    """Median over rounds of large - small: the marginal cost, measured between runs made a minute
-    apart rather than between medians taken at different times."""
-    differences = sorted(a - b for a, b in zip(large[key], small[key]))
-    return differences[len(differences) // 2]
+def paired(larger: list[float], smaller: list[float]) -> float:
+    """Median over rounds of larger - smaller: the marginal cost, measured between runs made a
+    minute apart rather than between medians taken at different times."""
+    return median_high(a - b for a, b in zip(larger, smaller))
 
 
 def report(results: list[dict], imports: float | None = None) -> str:
@@ -188,16 +188,16 @@ def report(results: list[dict], imports: float | None = None) -> str:
                      "(target < 8 s)" + (f"; of which importing the definitions {imports:.2f} s." if imports else "."))
         floors = small["round_dagster_floor"]
         lines.append(f"- Dagster floor (the same asset graph, its steps doing nothing; imports included): "
-                     f"**{sorted(floors)[len(floors) // 2]:.2f} s**; the 38-subject run takes "
-                     f"**{paired(small, {'round_wall': floors}, 'round_wall'):.2f} s** more (median within a round).")
+                     f"**{median_high(floors):.2f} s**; the 38-subject run takes "
+                     f"**{paired(small['round_wall'], floors):.2f} s** more (median within a round).")
     if small and large:
-        ratio = paired(large, small, "round_wall") / (large["floor"] - small["floor"])
-        cpu_ratio = paired(large, small, "round_cpu") / (large["floor_cpu"] - small["floor_cpu"])
+        ratio = paired(large["round_wall"], small["round_wall"]) / (large["floor"] - small["floor"])
+        cpu_ratio = paired(large["round_cpu"], small["round_cpu"]) / (large["floor_cpu"] - small["floor_cpu"])
         lines.append(f"- Marginal cost against the floor, (run@10,000 - run@38) / (floor@10,000 - floor@38), "
                      "run differences taken within each round (median): "
                      f"**{ratio:.2f}x** wall, **{cpu_ratio:.2f}x** CPU (target <= 3x, stretch 2x).")
     if small and mid and large:
-        linear = paired(large, small, "round_cpu") / paired(mid, small, "round_cpu")
+        linear = paired(large["round_cpu"], small["round_cpu"]) / paired(mid["round_cpu"], small["round_cpu"])
         lines.append(f"- Linearity, marginal CPU time at 10,000 / marginal CPU time at 1,000: **{linear:.1f}x** "
                      "(target <= 11x).")
     if large:
