@@ -151,8 +151,9 @@ class OutputFolder:
         return asset_store(self.root)
 
     def clean_leftovers(self) -> list[str]:
-        """Removes what runs that did not finish left (call under the lock): staging folders, and
-        the temporary `.current-<run>` link of a run killed just before its swap."""
+        """Removes what runs that did not finish left (call under the lock): staging folders, the
+        temporary `.current-<run>` link of a run killed just before its swap, and replaced asset
+        files a run was still deleting."""
         staging = self.state / "staging"
         removed = []
         if staging.is_dir():
@@ -164,6 +165,9 @@ class OutputFolder:
                 if link.is_symlink():
                     link.unlink()
                     removed.append(link.name)
+        for stale in sorted(self.asset_store.rglob(f"*{STALE_SUFFIX}")):
+            stale.unlink(missing_ok=True)
+            removed.append(stale.name)
         for temporary in sorted(self.state.glob("zone.*.tmp")):  # of a run killed in claim()
             pid = temporary.name.split(".")[1]
             if pid.isdigit() and not _alive(int(pid)):
@@ -206,6 +210,10 @@ class OutputFolder:
             if old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)
         return release
+
+
+# An asset file replaced by a newer one, waiting to be deleted (AssetStore.save).
+STALE_SUFFIX = ".stale"
 
 
 def asset_store(root: Path) -> Path:

@@ -15,7 +15,7 @@ import pyarrow as pa
 from pipeline import findings, metadata
 from pipeline.derivations.distinct_values import as_text, on_distinct_rows
 from pipeline.output_folder import OutputFolder
-from pipeline.sdtm_datasets import sdtm_table, to_table, write
+from pipeline.sdtm_datasets import sdtm_table, to_table, writes_in_background
 
 QUARANTINE_LABELS = {
     "SITEID": "Study Site Identifier", "TRANSFER": "Transfer Folder", "FILE": "Raw File",
@@ -172,21 +172,23 @@ def publish_outputs(folder: OutputFolder, run_id: str, sdtm: dict[str, pd.DataFr
         sha.update({(transfer.SITEID, transfer.TRANSFER, f): s for f, s in shas.items()})
 
     written: list[Path] = []
-    for dataset, frame in sdtm.items():
-        path = staging / "sdtm" / f"{dataset}.parquet"
-        write(sdtm_table(dataset, frame), path)
-        written.append(path)
-        path = staging / "lineage" / f"{dataset}.parquet"
-        types = {"SEQ": "int64", "ROW": "int64"}
-        labels = {k: v for k, v in LINEAGE_LABELS.items() if k != "QNAM" or dataset.startswith("supp")}
-        write(_labelled(lineage_frame(dataset, frame, sha), labels, f"Row-level lineage of {dataset.upper()}", types), path)
-        written.append(path)
-    write(_labelled(findings.normalize(quarantine), QUARANTINE_LABELS, "Quarantine", {"ROW": "int64"}),
-          staging / "quarantine.parquet")
-    write(_labelled(inventory[list(TRANSFER_LABELS)], TRANSFER_LABELS, "Transfers",
-                    {"FILES": "int64", "ROWS": "int64"}), staging / "transfers.parquet")
-    write(_labelled(eligibility, ELIGIBILITY_LABELS, "Eligibility deviations", {"ROW": "int64"}),
-          staging / "reports" / "eligibility_deviations.parquet")
+    with writes_in_background() as write_file:
+        for dataset, frame in sdtm.items():
+            path = staging / "sdtm" / f"{dataset}.parquet"
+            write_file(sdtm_table(dataset, frame), path)
+            written.append(path)
+            path = staging / "lineage" / f"{dataset}.parquet"
+            types = {"SEQ": "int64", "ROW": "int64"}
+            labels = {k: v for k, v in LINEAGE_LABELS.items() if k != "QNAM" or dataset.startswith("supp")}
+            write_file(_labelled(lineage_frame(dataset, frame, sha), labels, f"Row-level lineage of {dataset.upper()}",
+                                 types), path)
+            written.append(path)
+        write_file(_labelled(findings.normalize(quarantine), QUARANTINE_LABELS, "Quarantine", {"ROW": "int64"}),
+                   staging / "quarantine.parquet")
+        write_file(_labelled(inventory[list(TRANSFER_LABELS)], TRANSFER_LABELS, "Transfers",
+                             {"FILES": "int64", "ROWS": "int64"}), staging / "transfers.parquet")
+        write_file(_labelled(eligibility, ELIGIBILITY_LABELS, "Eligibility deviations", {"ROW": "int64"}),
+                   staging / "reports" / "eligibility_deviations.parquet")
     written += [staging / "quarantine.parquet", staging / "transfers.parquet",
                 staging / "reports" / "eligibility_deviations.parquet"]
 

@@ -7,6 +7,9 @@ and `keys`. No timestamps or run ids go inside, so the same inputs give the same
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -57,3 +60,30 @@ def sdtm_table(dataset: str, frame: pd.DataFrame) -> pa.Table:
 def write(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, compression="zstd", use_dictionary=True, write_statistics=True)
+
+
+@contextmanager
+def writes_in_background() -> Iterator[Callable[[pa.Table, Path], None]]:
+    """`write`, on a second thread while the caller builds the next table: pyarrow encodes
+    without the GIL, so on two cores LB's encoding overlaps the lineage and report tables. The
+    bytes do not change. The first failure (a full disk) stops the writing and is raised, at the
+    next file handed over or when the block ends."""
+    failures: list[BaseException] = []
+
+    def write_unless_failed(table: pa.Table, path: Path) -> None:
+        if failures:
+            return
+        try:
+            write(table, path)
+        except BaseException as error:
+            failures.append(error)
+
+    def hand_over(table: pa.Table, path: Path) -> None:
+        if failures:
+            raise failures[0]
+        pool.submit(write_unless_failed, table, path)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesae-parquet") as pool:
+        yield hand_over
+    if failures:
+        raise failures[0]

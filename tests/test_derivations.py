@@ -10,7 +10,7 @@ from pipeline.derivations import lab_unit_conversions as labs
 from pipeline.derivations.baseline import last_observation_before_exposure
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import compare_partial, iso_datetime, is_site_time, site_date_to_iso
-from pipeline.derivations.sequence import sequence_number, sort_by_keys
+from pipeline.derivations.sequence import combined_rank, sequence_number, sort_by_keys
 from pipeline.derivations.study_day import study_day
 from pipeline.derivations.visits import epoch, unscheduled_visit_numbers, visit_name, visit_number
 
@@ -182,6 +182,20 @@ def test_sort_by_keys_orders_codes_like_values(keys, expected_rows):
     })
     assert sort_by_keys(frame, keys)["ROW"].tolist() == expected_rows
     assert sort_by_keys(frame.iloc[:0], keys).empty
+
+
+@pytest.mark.parametrize("bounds", [
+    [3],                                   # one key
+    [2, 5, 7],                             # small keys: one mixed-radix number
+    [601] * 9,                             # 601**9 > 2**62: renumbered densely on the way
+    [601, 1, 601, 601, 1] * 3,             # keys without values (bound 1) among them
+])
+def test_combined_rank_orders_like_lexsort(bounds):
+    """A key's rank is below its bound, and a bound is at most the row count plus one (null)."""
+    generator = np.random.default_rng(7)
+    ranks = [(generator.integers(0, b, 600), b) for b in bounds]
+    expected = np.lexsort([r for r, _ in ranks][::-1])
+    assert np.array_equal(np.argsort(combined_rank(ranks), kind="stable"), expected)
 
 
 def test_baseline_flag_last_result_on_or_before_first_dose():

@@ -30,11 +30,15 @@ import threading
 import time
 from pathlib import Path
 
+import dagster as dg
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli
-from pipeline.output_folder import OutputFolder, OutputFolderBusy, OutputFolderError
+from pipeline.output_folder import STALE_SUFFIX, OutputFolder, OutputFolderBusy, OutputFolderError, asset_store
+from pipeline.resources import AssetStore
 
 NOBODY = 65534
 PYTHON = sys.executable
@@ -231,7 +235,7 @@ def leftovers(output: Path) -> dict[str, list[str]]:
     return {
         "staging": sorted(p.name for p in staging.iterdir()) if staging.is_dir() else [],
         "links": sorted(p.name for p in output.iterdir() if p.name.startswith(".current-")),
-        "temporary": sorted(str(p.relative_to(state)) for p in state.rglob("*.tmp")),
+        "temporary": sorted(str(p.relative_to(state)) for p in state.rglob("*") if p.suffix in (".tmp", STALE_SUFFIX)),
         "releases": sorted(p.name for p in (state / "releases").iterdir()),
     }
 
@@ -636,6 +640,52 @@ def test_lock_waits_then_names_the_folder_and_holder(tmp_path):
     waiting.release()
 
 
+def test_replaced_asset_files_are_gone_at_the_end_of_the_run_or_at_the_next_one(tmp_path):
+    """AssetStore.save sets the old file aside and deletes it in the background; the run's end
+    waits for that, and a run killed before it leaves the file to the next run's cleanup."""
+    store, key = AssetStore(output_dir=str(tmp_path)), dg.AssetKey(["sdtm", "lb"])
+    store.save(key, pd.DataFrame({"LBTESTCD": ["HGB"]}))
+    store.save(key, pd.DataFrame({"LBTESTCD": ["WBC"]}))
+    store.teardown_after_execution(None)
+    assert store.load(key)["LBTESTCD"].tolist() == ["WBC"]
+    assert sorted(p.name for p in asset_store(tmp_path).rglob("*") if p.is_file()) == ["lb.arrow"]
+
+    left = asset_store(tmp_path) / "sdtm" / f"lb.arrow.4242-0{STALE_SUFFIX}"
+    left.write_bytes(b"set aside by a run killed before deleting it")
+    folder = OutputFolder(tmp_path, "blinded")
+    with folder.locked(1):
+        assert folder.clean_leftovers() == [left.name]
+    assert not left.exists() and store.load(key)["LBTESTCD"].tolist() == ["WBC"]
+
+
+def test_background_parquet_writes_give_the_same_bytes_and_stop_at_the_first_failure(tmp_path, monkeypatch):
+    from pipeline import sdtm_datasets
+
+    tables = [pa.table({"USUBJID": [f"MESAE-01-{i:03d}"] * 3, "LBSEQ": [1, 2, 3]}) for i in range(4)]
+    with sdtm_datasets.writes_in_background() as write_file:
+        for i, table in enumerate(tables):
+            write_file(table, tmp_path / "background" / f"{i}.parquet")
+    for i, table in enumerate(tables):
+        sdtm_datasets.write(table, tmp_path / "direct" / f"{i}.parquet")
+        assert (tmp_path / "background" / f"{i}.parquet").read_bytes() == (tmp_path / "direct" / f"{i}.parquet").read_bytes()
+
+    real_write, attempted = sdtm_datasets.write, []
+
+    def full_disk_at_the_second(table, path):
+        attempted.append(path.name)
+        if len(attempted) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(table, path)
+
+    monkeypatch.setattr(sdtm_datasets, "write", full_disk_at_the_second)
+    with pytest.raises(OSError, match="No space left on device"):
+        with sdtm_datasets.writes_in_background() as write_file:
+            for i, table in enumerate(tables):
+                write_file(table, tmp_path / "failing" / f"{i}.parquet")
+    assert attempted == ["0.parquet", "1.parquet"]
+    assert sorted(p.name for p in (tmp_path / "failing").iterdir()) == ["0.parquet"]
+
+
 def test_zone_is_checked_again_under_the_lock(tmp_path):
     """Two runs of different zones start on a new folder at the same moment: both pass the check
     (nothing recorded yet); the second to get the lock must refuse the folder the first claimed."""
@@ -834,11 +884,11 @@ def test_disk_full_while_publishing(world, monkeypatch, capsys):
     """The disk fills while the run writes its output set (the 5th Parquet file raises ENOSPC):
     exit 1 with the reason, previous outputs intact, a half-written staging folder left; the
     next run removes it and publishes."""
-    from pipeline import publication
+    from pipeline import sdtm_datasets
 
     output = copy_output(world.baseline, world.base / "enospc-output")
     before = published(output)
-    real_write, calls = publication.write, []
+    real_write, calls = sdtm_datasets.write, []
 
     def failing_write(table, path):
         calls.append(path)
@@ -846,7 +896,7 @@ def test_disk_full_while_publishing(world, monkeypatch, capsys):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_write(table, path)
 
-    monkeypatch.setattr(publication, "write", failing_write)
+    monkeypatch.setattr(sdtm_datasets, "write", failing_write)
     capsys.readouterr()
     code = run_cli("run", "--exports", str(world.newer), "--output", str(output), home=world.base / "enospc-home")
     err = capsys.readouterr().err
@@ -857,7 +907,7 @@ def test_disk_full_while_publishing(world, monkeypatch, capsys):
     assert_one_set(output)
     half_written = leftovers(output)["staging"]
     assert len(half_written) == 1 and any((output / ".mesae" / "staging" / half_written[0]).rglob("*.parquet"))
-    monkeypatch.setattr(publication, "write", real_write)
+    monkeypatch.setattr(sdtm_datasets, "write", real_write)
     assert run_cli("run", "--exports", str(world.newer), "--output", str(output), home=world.base / "enospc-home") == 0
     assert_clean(output)
     assert assert_one_set(output)["inputs"]["01"]["transfer"] == "20261124T230000"

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from pandas.api.extensions import take
 
 # Factorizations of Arrow-backed columns, by the identity of their (immutable) Arrow data. One raw
 # column is parsed by several rules and derivations; hashing a million values once instead of at
@@ -82,10 +83,7 @@ def on_distinct_values(function: Callable[..., pd.Series | pd.DataFrame]):
     def broadcast(values: pd.Series, *args, **kwargs):
         codes, uniques = factorized(values)
         distinct = pd.Series(uniques, dtype="str")
-        parsed = function(distinct, *args, **kwargs).reset_index(drop=True)
-        out = parsed.reindex(codes)  # code -1 is not a label: a missing row
-        out.index = values.index
-        return out
+        return spread(function(distinct, *args, **kwargs), codes, values.index)
 
     return broadcast
 
@@ -154,7 +152,16 @@ def lookup(keys: pd.Series, table: pd.Series) -> pd.Series:
     """`table[key]` for every row (null where the key is missing): looked up once per distinct
     key, broadcast by integer code, e.g. a subject's reference date onto a million lab rows."""
     codes, uniques = factorized(keys)
-    per_key = table.reindex(uniques).reset_index(drop=True)
-    out = per_key.reindex(codes)   # code -1 is not a label: null
-    out.index = keys.index
-    return out.astype(table.dtype)
+    return spread(table.reindex(uniques), codes, keys.index).astype(table.dtype)
+
+
+def spread(per_value: pd.Series | pd.DataFrame, codes: np.ndarray, index: pd.Index) -> pd.Series | pd.DataFrame:
+    """Row i gets `per_value`'s row at position codes[i], missing where the code is -1: a
+    positional take, without the label lookup of `reindex(codes)` (a tenth of a second per
+    million rows)."""
+    def column(values: pd.Series) -> pd.Series:
+        return pd.Series(take(values.array, codes, allow_fill=True), index=index, name=values.name)
+
+    if isinstance(per_value, pd.DataFrame):
+        return pd.DataFrame({name: column(per_value[name]) for name in per_value.columns}, index=index)
+    return column(per_value)

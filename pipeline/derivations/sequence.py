@@ -15,19 +15,32 @@ from pipeline.derivations.distinct_values import factorized
 def sort_by_keys(frame: pd.DataFrame, keys: list[str], tiebreak: list[str] = ()) -> pd.DataFrame:
     """Rows sorted by the SDTM keys (nulls last), then by the tiebreak columns; index reset.
 
-    Sorts integer codes with one lexsort, which is much cheaper than comparing text keys row
-    against row: each key's codes (shared with the derivations that hashed it already) become
-    the rank of their value among the key's distinct values."""
+    Sorts integer codes, which is much cheaper than comparing text keys row against row: each
+    key's codes (shared with the derivations that hashed it already) become the rank of their
+    value among the key's distinct values, and the ranks combine into one integer per row."""
     by = [k for k in [*keys, *tiebreak] if k in frame.columns]
-    orders = []
+    ranks = []
     for key in by:
         codes, uniques = factorized(frame[key])
         rank = np.empty(len(uniques) + 1, dtype=np.int64)
         rank[pd.Index(uniques).argsort()] = np.arange(len(uniques))
         rank[-1] = len(uniques)              # code -1 (null) picks this last entry: nulls sort last
-        orders.append(rank[codes])
-    order = np.lexsort(orders[::-1]) if orders else np.arange(len(frame))
+        ranks.append((rank[codes], len(uniques) + 1))
+    order = np.argsort(combined_rank(ranks), kind="stable") if ranks else np.arange(len(frame))
     return frame.take(order).reset_index(drop=True)
+
+
+def combined_rank(ranks: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """One integer per row that orders like the tuple of its ranks (each rank below its bound):
+    mixed radix, renumbered densely whenever the next key would overflow int64. One stable
+    argsort of it is several times faster than `np.lexsort` over the keys."""
+    combined, span = ranks[0]
+    for rank, bound in ranks[1:]:
+        if span * bound >= 1 << 62:
+            distinct, combined = np.unique(combined, return_inverse=True)
+            span = len(distinct)
+        combined, span = combined * bound + rank, span * bound
+    return combined
 
 
 def sequence_number(usubjid: pd.Series) -> pd.Series:
