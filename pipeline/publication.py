@@ -7,7 +7,6 @@ import hashlib
 import html
 import json
 from datetime import datetime
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -171,24 +170,22 @@ def publish_outputs(folder: OutputFolder, run_id: str, sdtm: dict[str, pd.DataFr
         inputs[transfer.SITEID] = {"transfer": transfer.TRANSFER, "sha256": dict(sorted(shas.items()))}
         sha.update({(transfer.SITEID, transfer.TRANSFER, f): s for f, s in shas.items()})
 
-    written: list[Path] = []
     with writes_in_background() as write_file:
-        for dataset, frame in sdtm.items():
-            path = staging / "sdtm" / f"{dataset}.parquet"
-            write_file(sdtm_table(dataset, frame), path)
-            written.append(path)
-            path = staging / "lineage" / f"{dataset}.parquet"
+        # Largest first: LB's encoding then overlaps the building of every other table.
+        for dataset in sorted(sdtm, key=lambda d: len(sdtm[d]), reverse=True):
+            frame = sdtm[dataset]
+            write_file(sdtm_table(dataset, frame), staging / "sdtm" / f"{dataset}.parquet")
             types = {"SEQ": "int64", "ROW": "int64"}
             labels = {k: v for k, v in LINEAGE_LABELS.items() if k != "QNAM" or dataset.startswith("supp")}
             write_file(_labelled(lineage_frame(dataset, frame, sha), labels, f"Row-level lineage of {dataset.upper()}",
-                                 types), path)
-            written.append(path)
+                                 types), staging / "lineage" / f"{dataset}.parquet")
         write_file(_labelled(findings.normalize(quarantine), QUARANTINE_LABELS, "Quarantine", {"ROW": "int64"}),
                    staging / "quarantine.parquet")
         write_file(_labelled(inventory[list(TRANSFER_LABELS)], TRANSFER_LABELS, "Transfers",
                              {"FILES": "int64", "ROWS": "int64"}), staging / "transfers.parquet")
         write_file(_labelled(eligibility, ELIGIBILITY_LABELS, "Eligibility deviations", {"ROW": "int64"}),
                    staging / "reports" / "eligibility_deviations.parquet")
+    written = [staging / kind / f"{dataset}.parquet" for dataset in sdtm for kind in ("sdtm", "lineage")]
     written += [staging / "quarantine.parquet", staging / "transfers.parquet",
                 staging / "reports" / "eligibility_deviations.parquet"]
 

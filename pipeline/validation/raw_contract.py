@@ -343,16 +343,17 @@ def build_schema(name: str, frame: pd.DataFrame,
     by_column = {c: [] for c in columns}
     frame_rules = [*subject_rules(known_subjects), *record_rules(schema)]
     registry = {}
+    # ignore_na=False: every rule passes nulls itself (`required` is Pandera's `nullable`).
+    # Pandera's own null handling would copy a column without its nulls for every column rule,
+    # and compute isna() over the whole frame for every record rule.
     for rule in column_rules(columns):
         registry[rule.check_name] = rule
         by_column[rule.column].append(
-            pa.Check(lambda s, r=rule: r.passes(parsed).reindex(s.index), name=rule.check_name, ignore_na=True))
+            pa.Check(lambda s, r=rule: r.passes(parsed).reindex(s.index), name=rule.check_name, ignore_na=False))
     for rule in frame_rules:
         registry[rule.check_name] = rule
     pandera_schema = pa.DataFrameSchema(
         {c: pa.Column(nullable=not spec.get("required", False), checks=by_column[c]) for c, spec in columns.items()},
-        # ignore_na=False: a record-level rule handles its own nulls; Pandera's would compute
-        # isna() over the whole frame for every such rule.
         checks=[pa.Check(lambda f, r=rule: r.passes(parsed).reindex(f.index), name=rule.check_name, ignore_na=False)
                 for rule in frame_rules],
         name=schema["file"],
