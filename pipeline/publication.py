@@ -170,24 +170,26 @@ def publish_outputs(folder: OutputFolder, run_id: str, sdtm: dict[str, pd.DataFr
         inputs[transfer.SITEID] = {"transfer": transfer.TRANSFER, "sha256": dict(sorted(shas.items()))}
         sha.update({(transfer.SITEID, transfer.TRANSFER, f): s for f, s in shas.items()})
 
+    # Each file named once, in the order of the published listing.
+    dataset_files = {(kind, d): staging / kind / f"{d}.parquet" for d in sdtm for kind in ("sdtm", "lineage")}
+    quarantine_file, transfers_file = staging / "quarantine.parquet", staging / "transfers.parquet"
+    eligibility_file = staging / "reports" / "eligibility_deviations.parquet"
+    lineage_types = {"SEQ": "int64", "ROW": "int64"}
     with writes_in_background() as write_file:
         # Largest first: LB's encoding then overlaps the building of every other table.
         for dataset in sorted(sdtm, key=lambda d: len(sdtm[d]), reverse=True):
             frame = sdtm[dataset]
-            write_file(sdtm_table(dataset, frame), staging / "sdtm" / f"{dataset}.parquet")
-            types = {"SEQ": "int64", "ROW": "int64"}
+            write_file(sdtm_table(dataset, frame), dataset_files["sdtm", dataset])
             labels = {k: v for k, v in LINEAGE_LABELS.items() if k != "QNAM" or dataset.startswith("supp")}
             write_file(_labelled(lineage_frame(dataset, frame, sha), labels, f"Row-level lineage of {dataset.upper()}",
-                                 types), staging / "lineage" / f"{dataset}.parquet")
+                                 lineage_types), dataset_files["lineage", dataset])
         write_file(_labelled(findings.normalize(quarantine), QUARANTINE_LABELS, "Quarantine", {"ROW": "int64"}),
-                   staging / "quarantine.parquet")
+                   quarantine_file)
         write_file(_labelled(inventory[list(TRANSFER_LABELS)], TRANSFER_LABELS, "Transfers",
-                             {"FILES": "int64", "ROWS": "int64"}), staging / "transfers.parquet")
+                             {"FILES": "int64", "ROWS": "int64"}), transfers_file)
         write_file(_labelled(eligibility, ELIGIBILITY_LABELS, "Eligibility deviations", {"ROW": "int64"}),
-                   staging / "reports" / "eligibility_deviations.parquet")
-    written = [staging / kind / f"{dataset}.parquet" for dataset in sdtm for kind in ("sdtm", "lineage")]
-    written += [staging / "quarantine.parquet", staging / "transfers.parquet",
-                staging / "reports" / "eligibility_deviations.parquet"]
+                   eligibility_file)
+    written = [*dataset_files.values(), quarantine_file, transfers_file, eligibility_file]
 
     records = {d: len(f) for d, f in sdtm.items()}
     summary = {
