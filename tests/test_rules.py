@@ -14,7 +14,7 @@ from conftest import run_cli
 from site_exports import column_index, edit_csv
 
 from pipeline import metadata
-from pipeline.validation.raw_contract import Parsed, column_rules
+from pipeline.validation.raw_contract import Parsed, column_rules, record_rules
 
 CURRENT = "20261123T220005"
 
@@ -218,3 +218,58 @@ def test_every_column_rule_passes_a_missing_value(name):
     for rule in rules:
         assert rule.passes(Parsed(frame, columns)).tolist() == [True, True], rule.check_name
 
+
+
+def raw_frame(name: str, rows: list[dict]) -> pd.DataFrame:
+    """A raw frame as ingest makes it: every column as text, the site as a category."""
+    columns = metadata.raw_schema(name)["columns"]
+    frame = pd.DataFrame({c: pd.Series([r.get(c) for r in rows], dtype="str") for c in columns})
+    frame["src_site"] = pd.Categorical([r["site"] for r in rows])
+    return frame
+
+
+def duplicate_rows(name: str, rows: list[dict]) -> list[int]:
+    schema = metadata.raw_schema(name)
+    (rule,) = [r for r in record_rules(schema) if r.rule == "RAW-DUPLICATE"]
+    passes = rule.passes(Parsed(raw_frame(name, rows), schema["columns"]))
+    return [i for i, ok in enumerate(passes) if not ok]
+
+
+LB_KEYS = {"SUBJID": "01-001", "VISIT": "DAY 7", "LBDAT": "07 MAR 2026", "LBTEST": "Neutrophils", "LBSPEC": "SERUM",
+           "site": "01"}
+
+
+@pytest.mark.parametrize("other, duplicate", [
+    ({}, True),
+    ({"LBDAT": "2026-03-07"}, True),                      # the same date in ISO form
+    ({"LBTEST": "ANC"}, True),                            # an alias of the same test
+    ({"LBDAT": "2026-03-07", "LBTEST": "ANC"}, True),
+    ({"LBDAT": "08 MAR 2026"}, False),
+    ({"LBTIM": "08:00"}, False),                          # a time against none
+    ({"LBSPEC": "PLASMA"}, False),
+    ({"LBSPEC": None}, False),
+    ({"site": "02"}, False),                              # keys are unique within a site's data
+    ({"LBTEST": "Platelets"}, False),
+])
+def test_duplicate_keys_compare_values_as_the_pipeline_reads_them(other, duplicate):
+    """RAW-DUPLICATE flags both records of a key seen twice, the key's values compared as
+    mapped: a date in either format, a test by any alias."""
+    rows = [LB_KEYS, {**LB_KEYS, **other}, {**LB_KEYS, "LBDAT": "01 APR 2026"}]
+    assert duplicate_rows("lb", rows) == ([0, 1] if duplicate else [])
+
+
+def test_duplicate_keys_invalid_dates_and_missing_values_compare_as_written():
+    """An impossible date cannot be read, so only the same text is the same key; two missing
+    values are the same."""
+    rows = [{**LB_KEYS, "LBDAT": "31 FEB 2026"}, {**LB_KEYS, "LBDAT": "31 FEB 2026"},
+            {**LB_KEYS, "LBDAT": "2026-02-31"},
+            {**LB_KEYS, "LBSPEC": None, "LBTIM": None}, {**LB_KEYS, "LBSPEC": None, "LBTIM": None}]
+    assert duplicate_rows("lb", rows) == [0, 1, 3, 4]
+
+
+def test_unscheduled_visits_are_told_apart_by_their_date():
+    base = {"SUBJID": "01-001", "VISIT": "UNSCHEDULED", "MRSTYPE": "CURRENT", "site": "01"}
+    rows = [{**base, "MRSDAT": "09 MAR 2026"}, {**base, "MRSDAT": "10 MAR 2026"},
+            {**base, "MRSDAT": "2026-03-10"}, {**base, "VISIT": "DAY 7", "MRSDAT": "09 MAR 2026"},
+            {**base, "VISIT": "DAY 7", "MRSDAT": "10 MAR 2026"}]
+    assert duplicate_rows("mrs", rows) == [1, 2, 3, 4]

@@ -40,39 +40,34 @@ def factorized(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
     return hit[1], hit[2]
 
 
-def _codes(values: pd.Series) -> tuple[np.ndarray, pd.Series]:
-    """Codes with null as a value of its own (the last code), and the distinct values."""
-    codes, uniques = factorized(values)
-    distinct = pd.Series(uniques, dtype=values.dtype)
-    if (codes < 0).any():
-        codes = np.where(codes < 0, len(distinct), codes)
-        distinct = pd.concat([distinct, pd.Series([None], dtype=values.dtype)], ignore_index=True)
-    return codes.astype(np.int64), distinct
-
-
 def on_distinct_rows(function: Callable[..., pd.Series | pd.DataFrame]):
     """Run `function(*series)` on the distinct combinations of its Series arguments and broadcast
     the result back to every row (keyword arguments pass through unchanged)."""
 
     @wraps(function)
     def broadcast(*columns: pd.Series, **kwargs):
-        index = columns[0].index
-        combined, uniques = None, []
-        for column in columns:
-            codes, distinct = _codes(column)
-            # Renumbered after each column, the combined code stays below rows x distinct values.
-            combined = codes if combined is None else pd.factorize(combined * len(distinct) + codes)[0]
-            uniques.append((codes, distinct))
-        # Row of the first occurrence of each combination (the codes are dense, 0..n-1).
-        first = np.empty(int(combined.max()) + 1 if len(combined) else 0, dtype=np.int64)
-        first[combined[::-1]] = np.arange(len(combined) - 1, -1, -1)
-        arguments = [distinct.take(codes[first]).reset_index(drop=True) for codes, distinct in uniques]
+        combined, first = distinct_rows(columns)
+        arguments = [column.take(first).reset_index(drop=True) for column in columns]
         result = function(*arguments, **kwargs).reset_index(drop=True)
         out = result.take(combined)
-        out.index = index
+        out.index = columns[0].index
         return out
 
     return broadcast
+
+
+def distinct_rows(columns) -> tuple[np.ndarray, np.ndarray]:
+    """For equally long Series: each row's combination code (dense, 0..n-1, nulls equal to
+    each other) and the position of the first row with each combination."""
+    combined = None
+    for column in columns:
+        codes, uniques = factorized(column)
+        codes = np.where(codes < 0, len(uniques), codes).astype(np.int64)   # null: a value of its own
+        # Renumbered after each column, the combined code stays below rows x distinct values.
+        combined = codes if combined is None else pd.factorize(combined * (len(uniques) + 1) + codes)[0]
+    first = np.empty(int(combined.max()) + 1 if len(combined) else 0, dtype=np.int64)
+    first[combined[::-1]] = np.arange(len(combined) - 1, -1, -1)
+    return combined, first
 
 
 def on_distinct_values(function: Callable[..., pd.Series | pd.DataFrame]):

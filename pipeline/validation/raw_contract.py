@@ -18,9 +18,10 @@ import pandera.pandas as pa
 
 from pipeline import findings, metadata
 from pipeline.derivations import codelists, lab_unit_conversions as labs
-from pipeline.derivations.distinct_values import as_text, in_set
+from pipeline.derivations.distinct_values import as_text, distinct_rows, factorized, in_set
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import compare_partial, is_complete_date, is_site_time, site_date_to_iso
+from pipeline.derivations.sequence import combined_rank
 from pipeline.derivations.visits import is_known_visit, schedule
 from pipeline.validation.pandera_failures import placed_failures
 
@@ -91,6 +92,17 @@ class Parsed:
             dated = values + "@" + self.iso(spec["date"]).fillna(self.frame[spec["date"]]).fillna("")
             return values.where(~unscheduled.fillna(False), dated)
         return values
+
+    def canonical_codes(self, column: str) -> tuple[np.ndarray, int]:
+        """Integer codes of `canonical(column)` (null is "") and their count: the canonical text
+        is made once per distinct raw value (with its date, for visits) and spread back by code,
+        so that comparing keys over a million rows compares integers, not text."""
+        spec = self.columns[column]
+        sources = [column] + ([spec["date"]] if spec.get("kind") == "visit" and spec.get("date") else [])
+        combination, first = distinct_rows([self.frame[c] for c in sources])
+        canonical = Parsed(self.frame[sources].take(first), self.columns).canonical(column).fillna("")
+        codes, uniques = pd.factorize(canonical)
+        return codes[combination], len(uniques)
 
 
 def _is_integer(values: pd.Series, low, high) -> pd.Series:
@@ -183,9 +195,9 @@ def record_rules(schema: dict) -> list[RawRule]:
     keys = schema.get("keys")
     if keys:
         def unique(p: Parsed, k=keys) -> pd.Series:
-            key_frame = pd.DataFrame({c: p.canonical(c).fillna("") for c in k})
-            key_frame["src_site"] = as_text(p.frame["src_site"])
-            return ~key_frame.duplicated(keep=False)
+            site_codes, sites = factorized(p.frame["src_site"])
+            key = combined_rank([p.canonical_codes(c) for c in k] + [(site_codes.astype(np.int64) + 1, len(sites) + 1)])
+            return pd.Series(~pd.Series(key).duplicated(keep=False).to_numpy(), index=p.frame.index)
 
         out.append(RawRule("RAW-DUPLICATE", None, unique, lambda rows, k=keys: {
             "detail": rows[k].astype("str").fillna("").agg(" / ".join, axis=1).radd(" / ".join(k) + " = ")}))
