@@ -8,9 +8,10 @@ import pytest
 from pipeline.derivations import codelists
 from pipeline.derivations import lab_unit_conversions as labs
 from pipeline.derivations.baseline import last_observation_before_exposure
+from pipeline.derivations.distinct_values import combined_rank
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import compare_partial, iso_datetime, is_site_time, site_date_to_iso
-from pipeline.derivations.sequence import combined_rank, sequence_number, sort_by_keys
+from pipeline.derivations.sequence import sequence_number, sort_by_keys
 from pipeline.derivations.study_day import study_day
 from pipeline.derivations.visits import epoch, unscheduled_visit_numbers, visit_name, visit_number
 

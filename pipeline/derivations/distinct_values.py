@@ -59,15 +59,29 @@ def on_distinct_rows(function: Callable[..., pd.Series | pd.DataFrame]):
 def distinct_rows(columns) -> tuple[np.ndarray, np.ndarray]:
     """For equally long Series: each row's combination code (dense, 0..n-1, nulls equal to
     each other) and the position of the first row with each combination."""
-    combined = None
-    for column in columns:
-        codes, uniques = factorized(column)
-        codes = np.where(codes < 0, len(uniques), codes).astype(np.int64)   # null: a value of its own
-        # Renumbered after each column, the combined code stays below rows x distinct values.
-        combined = codes if combined is None else pd.factorize(combined * (len(uniques) + 1) + codes)[0]
+    combined = pd.factorize(combined_rank([null_coded(column) for column in columns]))[0]
     first = np.empty(int(combined.max()) + 1 if len(combined) else 0, dtype=np.int64)
     first[combined[::-1]] = np.arange(len(combined) - 1, -1, -1)
     return combined, first
+
+
+def null_coded(values: pd.Series) -> tuple[np.ndarray, int]:
+    """Factorization codes with null as a value of its own (the last code), and their bound."""
+    codes, uniques = factorized(values)
+    return np.where(codes < 0, len(uniques), codes).astype(np.int64), len(uniques) + 1
+
+
+def combined_rank(ranks: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """One integer per row that orders like the tuple of its ranks (each rank below its bound):
+    mixed radix, renumbered densely whenever the next key would overflow int64. One stable
+    argsort of it is several times faster than `np.lexsort` over the keys."""
+    combined, span = ranks[0]
+    for rank, bound in ranks[1:]:
+        if span * bound >= 1 << 62:
+            distinct, combined = np.unique(combined, return_inverse=True)
+            span = len(distinct)
+        combined, span = combined * bound + rank, span * bound
+    return combined
 
 
 def on_distinct_values(function: Callable[..., pd.Series | pd.DataFrame]):

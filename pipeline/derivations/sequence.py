@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.derivations.distinct_values import factorized
+from pipeline.derivations.distinct_values import combined_rank, factorized
 
 
 def sort_by_keys(frame: pd.DataFrame, keys: list[str], tiebreak: list[str] = ()) -> pd.DataFrame:
@@ -28,19 +28,6 @@ def sort_by_keys(frame: pd.DataFrame, keys: list[str], tiebreak: list[str] = ())
         ranks.append((rank[codes], len(uniques) + 1))
     order = np.argsort(combined_rank(ranks), kind="stable") if ranks else np.arange(len(frame))
     return frame.take(order).reset_index(drop=True)
-
-
-def combined_rank(ranks: list[tuple[np.ndarray, int]]) -> np.ndarray:
-    """One integer per row that orders like the tuple of its ranks (each rank below its bound):
-    mixed radix, renumbered densely whenever the next key would overflow int64. One stable
-    argsort of it is several times faster than `np.lexsort` over the keys."""
-    combined, span = ranks[0]
-    for rank, bound in ranks[1:]:
-        if span * bound >= 1 << 62:
-            distinct, combined = np.unique(combined, return_inverse=True)
-            span = len(distinct)
-        combined, span = combined * bound + rank, span * bound
-    return combined
 
 
 def sequence_number(usubjid: pd.Series) -> pd.Series:

@@ -18,10 +18,9 @@ import pandera.pandas as pa
 
 from pipeline import findings, metadata
 from pipeline.derivations import codelists, lab_unit_conversions as labs
-from pipeline.derivations.distinct_values import as_text, distinct_rows, factorized, in_set
+from pipeline.derivations.distinct_values import as_text, combined_rank, distinct_rows, in_set, null_coded
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import compare_partial, is_complete_date, is_site_time, site_date_to_iso
-from pipeline.derivations.sequence import combined_rank
 from pipeline.derivations.visits import is_known_visit, schedule
 from pipeline.validation.pandera_failures import placed_failures
 
@@ -195,9 +194,8 @@ def record_rules(schema: dict) -> list[RawRule]:
     keys = schema.get("keys")
     if keys:
         def unique(p: Parsed, k=keys) -> pd.Series:
-            site_codes, sites = factorized(p.frame["src_site"])
-            key = combined_rank([p.canonical_codes(c) for c in k] + [(site_codes.astype(np.int64) + 1, len(sites) + 1)])
-            return pd.Series(~pd.Series(key).duplicated(keep=False).to_numpy(), index=p.frame.index)
+            key = combined_rank([p.canonical_codes(c) for c in k] + [null_coded(p.frame["src_site"])])
+            return ~pd.Series(key, index=p.frame.index).duplicated(keep=False)
 
         out.append(RawRule("RAW-DUPLICATE", None, unique, lambda rows, k=keys: {
             "detail": rows[k].astype("str").fillna("").agg(" / ".join, axis=1).radd(" / ".join(k) + " = ")}))
