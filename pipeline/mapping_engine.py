@@ -199,8 +199,7 @@ def subject_last(work: Work, spec: dict) -> pd.Series:
 
 def subject_flag(work: Work, spec: dict) -> pd.Series:
     rows, _ = _rows_from(work, spec["from"], {"where": spec.get("where")})
-    flagged = set(rows["SUBJID"])
-    return _text(pd.Series(np.where(in_set(work.frame["SUBJID"], flagged), "Y", None), index=work.frame.index))
+    return _text(pd.Series(np.where(in_set(work.frame["SUBJID"], rows["SUBJID"]), "Y", None), index=work.frame.index))
 
 
 def arm(work: Work, spec: dict) -> pd.Series:

@@ -26,7 +26,7 @@ def golden_lb(tmp_path_factory):
     lb["LBDY"] = lb["LBDY"].astype("Int64")
     for column in lb.columns[lb.dtypes == object]:
         lb[column] = lb[column].astype("str")
-    return lb, set(dm["USUBJID"])
+    return lb, dm["USUBJID"]
 
 
 def rules_for(frame, subjects):

@@ -8,7 +8,7 @@ import pytest
 from pipeline.derivations import codelists
 from pipeline.derivations import lab_unit_conversions as labs
 from pipeline.derivations.baseline import last_observation_before_exposure
-from pipeline.derivations.distinct_values import combined_rank
+from pipeline.derivations.distinct_values import combined_rank, in_set
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import compare_partial, iso_datetime, is_site_time, site_date_to_iso
 from pipeline.derivations.sequence import sequence_number, sort_by_keys
@@ -183,6 +183,33 @@ def test_sort_by_keys_orders_codes_like_values(keys, expected_rows):
     })
     assert sort_by_keys(frame, keys)["ROW"].tolist() == expected_rows
     assert sort_by_keys(frame.iloc[:0], keys).empty
+
+
+def _chunked(texts):
+    """Arrow-backed text in two chunks, as pd.concat of two sites' columns gives."""
+    half = len(texts) // 2
+    return pd.concat([pd.Series(texts[:half], dtype="str"), pd.Series(texts[half:], dtype="str")], ignore_index=True)
+
+
+@pytest.mark.parametrize("members", [
+    pd.Series(["03-001", "03-002", "03-002", None], dtype="str"),   # duplicates and a null member
+    pd.Index(["03-002", "03-001"]),
+    pd.Series(["03-001", "03-002"], dtype="object"),
+    _chunked(["03-001", None, "03-002", "03-002"]),
+])
+@pytest.mark.parametrize("make_values", [lambda t: pd.Series(t, dtype="str"), _chunked,
+                                         lambda t: pd.Series(t, dtype="object")])
+def test_in_set(members, make_values):
+    subjects = make_values(["03-001", None, "03-003", "03-002", "3-001", "03-001 "])
+    subjects.index = subjects.index + 10
+    found = in_set(subjects, members)
+    assert found.dtype == bool and list(found.index) == list(subjects.index)
+    # A missing subject is never a member, even when a member is missing; matching is exact.
+    assert found.tolist() == [True, False, False, True, False, False]
+
+
+def test_in_set_with_no_members():
+    assert in_set(pd.Series(["03-001", None], dtype="str"), pd.Series([], dtype="str")).tolist() == [False, False]
 
 
 @pytest.mark.parametrize("bounds", [

@@ -226,7 +226,7 @@ def test_guidance_for_a_conformance_failure():
 
     # A real failing evaluation of the blocking check: an LB record with nothing in it.
     frame = pd.DataFrame({"STUDYID": ["MESAE"], "DOMAIN": ["LB"], "USUBJID": [None]})
-    result = conformance_result(dg.AssetKey(["sdtm", "lb"]), "lb", frame, {"MESAE-01-001"})
+    result = conformance_result(dg.AssetKey(["sdtm", "lb"]), "lb", frame, pd.Series(["MESAE-01-001"]))
     assert not result.passed
     message = f"sdtm_conformance failed on sdtm/lb: {result.description}"
     assert "pipeline bug" in failure_guidance(message)

@@ -42,7 +42,7 @@ def conformance_spec(key: dg.AssetKey) -> dg.AssetCheckSpec:
 
 
 def conformance_result(key: dg.AssetKey, dataset: str, frame: pd.DataFrame,
-                       dm_subjects: set[str] | None) -> dg.AssetCheckResult:
+                       dm_subjects: pd.Series | None) -> dg.AssetCheckResult:
     failures = conformance_failures(dataset, frame, dm_subjects)
     by_rule = failures.groupby("rule").size().to_dict() if not failures.empty else {}
     description = ("conformant" if failures.empty else

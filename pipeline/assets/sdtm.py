@@ -194,7 +194,7 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
             mapped = map_domain(mapping, mapping_inputs_)
             if dataset == "dm":
                 mapping_inputs_.dm = mapped.frame
-                subjects = set(mapped.frame["USUBJID"])
+                subjects = mapped.frame["USUBJID"]
             source_file = metadata.raw_schema(mapping["source"])["file"]
             file_findings = inputs["findings"][inputs["findings"]["FILE"] == source_file]
             version = versions[dataset]

@@ -132,12 +132,19 @@ def parsed_once(function: Callable[[pd.Series], pd.Series]):
     return parse
 
 
-def in_set(values: pd.Series, members) -> pd.Series:
+def in_set(values: pd.Series, members: pd.Series | pd.Index) -> pd.Series:
     """`values.isin(members)` for large member sets (subject lists): Arrow's hash lookup instead
-    of pandas' per-member conversion of Arrow-backed text."""
-    member_array = pa.array([m for m in members if m is not None and m == m], type=pa.string())
-    found = pc.is_in(pa.array(values.astype("str"), type=pa.string(), from_pandas=True), value_set=member_array)
+    of pandas' per-member conversion of Arrow-backed text. Members come as a Series or Index,
+    so that a list of 10,000 subjects reaches Arrow without a Python loop; nulls are not members."""
+    member_array = _as_arrow_string(members)
+    if isinstance(member_array, pa.ChunkedArray):
+        member_array = member_array.combine_chunks()
+    found = pc.is_in(_as_arrow_string(values), value_set=pc.drop_null(member_array))
     return pd.Series(found.to_numpy(zero_copy_only=False), index=values.index).fillna(False).astype(bool)
+
+
+def _as_arrow_string(values: pd.Series | pd.Index) -> pa.Array | pa.ChunkedArray:
+    return pa.array(values.astype("str"), type=pa.string(), from_pandas=True)
 
 
 def as_text(values: pd.Series) -> pd.Series:

@@ -62,8 +62,7 @@ def _lab_checks(item: dict) -> ProtocolCheck:
     elif kind == "hbv_core_with_dna":
         def breach(f):
             detectable = f["LBTESTCD"].eq(item["dna_test"]) & (f["LBSTRESN"] > 0)
-            subjects = set(f.loc[detectable.fillna(False), "USUBJID"])
-            return rows(f) & f["LBSTRESC"].eq("POSITIVE") & in_set(f["USUBJID"], subjects)
+            return rows(f) & f["LBSTRESC"].eq("POSITIVE") & in_set(f["USUBJID"], f.loc[detectable.fillna(False), "USUBJID"])
     else:
         raise ValueError(f"unknown lab criterion kind {kind}")
 
@@ -106,7 +105,7 @@ def build_checks() -> list[ProtocolCheck]:
                 + site_date_to_iso(f["DIAGDAT"]).fillna("?"))))
         elif kind == "antibody_positive":
             checks.append(ProtocolCheck(
-                item, "enrol_antibody", lambda f: ~in_set(f["USUBJID"], f.attrs["antibody_positive"]),
+                item, "enrol_antibody", lambda f: ~f["ctx_antibody_positive"],
                 lambda f, i=item: pd.Series("no positive " + " / ".join(i["tests"]) + " result at screening",
                                             index=f.index)))
         else:
@@ -164,12 +163,10 @@ def prepare_frames(dm: pd.DataFrame, lb: pd.DataFrame, qs: pd.DataFrame, ex: pd.
     enrol_frame = enrol.assign(USUBJID=metadata.study()["usubjid_prefix"] + enrol["SUBJID"])
     enrol_frame = with_facts(enrol_frame)
     antibody_tests = [i for i in metadata.protocol()["eligibility"] if i["kind"] == "antibody_positive"]
-    positive = set()
-    for item in antibody_tests:
-        hits = lb_screening["LBTESTCD"].isin(item["tests"]) & lb_screening["LBNRIND"].eq("ABNORMAL")
-        positive |= set(lb_screening.loc[hits.fillna(False), "USUBJID"])
-    enrol_antibody = enrol_frame.copy()
-    enrol_antibody.attrs["antibody_positive"] = positive
+    tests = [test for item in antibody_tests for test in item["tests"]]
+    hits = lb_screening["LBTESTCD"].isin(tests) & lb_screening["LBNRIND"].eq("ABNORMAL")
+    enrol_antibody = enrol_frame.assign(
+        ctx_antibody_positive=in_set(enrol_frame["USUBJID"], lb_screening.loc[hits.fillna(False), "USUBJID"]))
     return {"dm": with_facts(dm), "lb": lb_screening, "qs": with_facts(qs[qs["VISIT"].eq(SCREENING)]),
             "ex": ex_frame, "enrol": enrol_frame, "enrol_antibody": enrol_antibody}
 

@@ -337,8 +337,8 @@ def subject_rules(known_subjects: pd.Series | None) -> list[RawRule]:
                    lambda rows: {"value": rows["SUBJID"], "detail": rows["SUBJID"].str.slice(0, 2),
                                  "expected": rows["src_site"].astype("str")})]
     if known_subjects is not None:
-        known = set(known_subjects.dropna())
-        out.append(RawRule("RAW-SUBJID-UNKNOWN", "SUBJID", lambda p: p.frame["SUBJID"].isna() | in_set(p.frame["SUBJID"], known),
+        out.append(RawRule("RAW-SUBJID-UNKNOWN", "SUBJID",
+                           lambda p: p.frame["SUBJID"].isna() | in_set(p.frame["SUBJID"], known_subjects),
                            _value("SUBJID")))
     return out
 
@@ -432,20 +432,20 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
         held[name] = ragged | held_back_rows(raw[name], by_file[name])
     dm, enrol = raw["dm"], raw["enrol"]
 
-    enrolled_subjects = set(enrol.loc[~held["enrol"], "SUBJID"].dropna())
-    no_enrol = ~held["dm"] & ~in_set(dm["SUBJID"], set(enrol["SUBJID"].dropna()))
+    enrolled_subjects = enrol.loc[~held["enrol"], "SUBJID"]
+    no_enrol = ~held["dm"] & ~in_set(dm["SUBJID"], enrol["SUBJID"])
     extra = [findings.for_rows("RAW-ENROL-MISSING", dm[no_enrol], value=dm.loc[no_enrol, "SUBJID"])]
     enrol_held = ~held["dm"] & ~no_enrol & ~in_set(dm["SUBJID"], enrolled_subjects)
     extra.append(findings.for_rows("RAW-SUBJECT-HELD", dm[enrol_held], value=dm.loc[enrol_held, "SUBJID"],
                                    detail="its enrol.csv record is held back"))
     held["dm"] |= no_enrol | enrol_held
 
-    good_subjects = set(dm.loc[~held["dm"], "SUBJID"].dropna())
+    good_subjects = dm.loc[~held["dm"], "SUBJID"]
     for name in metadata.RAW_FILES:
         if name == "dm":
             continue
         frame = raw[name]
-        cascade = ~held[name] & in_set(frame["SUBJID"], set(dm["SUBJID"].dropna())) & ~in_set(frame["SUBJID"], good_subjects)
+        cascade = ~held[name] & in_set(frame["SUBJID"], dm["SUBJID"]) & ~in_set(frame["SUBJID"], good_subjects)
         extra.append(findings.for_rows("RAW-SUBJECT-HELD", frame[cascade], value=frame.loc[cascade, "SUBJID"],
                                        detail="its dm.csv or enrol.csv record is held back"))
         held[name] |= cascade

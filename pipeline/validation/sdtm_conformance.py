@@ -38,7 +38,7 @@ def _type_ok(series: pd.Series, kind: str) -> bool:
     return pd.api.types.is_string_dtype(series.dtype)
 
 
-def build_schema(dataset: str, dm_subjects: set[str] | None) -> pa.DataFrameSchema:
+def build_schema(dataset: str, dm_subjects: pd.Series | None) -> pa.DataFrameSchema:
     """Checks pass nulls themselves (ignore_na=False): Pandera's own null handling copies each
     column without its nulls, and for a frame check computes isna() over the whole frame, which
     cost a second per run on a million LB rows. Required variables are Pandera's `nullable`."""
@@ -95,7 +95,7 @@ def label_problems(dataset: str) -> list[str]:
     return problems
 
 
-def conformance_failures(dataset: str, frame: pd.DataFrame, dm_subjects: set[str] | None) -> pd.DataFrame:
+def conformance_failures(dataset: str, frame: pd.DataFrame, dm_subjects: pd.Series | None) -> pd.DataFrame:
     """One row per failing (rule, column, row) with the offending value; empty when conformant."""
     schema_vars = [v["name"] for v in dataset_schema(dataset)["variables"]]
     sdtm = frame[[c for c in frame.columns if not c.startswith(("src_", "ctx_"))]]
