@@ -17,6 +17,7 @@ from pipeline.assets.checks import conformance_result, conformance_spec
 from pipeline.assets.common import OWNERS, findings_counts, markdown_table
 from pipeline.assets.raw import INVENTORY_KEY, RANDOMIZATION_KEY, RAW_KEYS
 from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RANDOMIZATION_KEY
+from pipeline.derivations.distinct_values import distinct_rows
 from pipeline.derivations.iso_dates import site_date_to_iso
 from pipeline.derivations.visits import unscheduled_visit_numbers
 from pipeline.mapping_engine import (UNBLINDED_SOURCES, MappingInputs, check_mapping, column_lineage, map_domain,
@@ -65,7 +66,8 @@ def dated_visits(validated: dict[str, pd.DataFrame]) -> pd.DataFrame:
     for name in visit_files():
         for column, spec in metadata.raw_schema(name)["columns"].items():
             if spec.get("kind") == "visit" and spec.get("date"):
-                frame = validated[name][["SUBJID", column, spec["date"]]].drop_duplicates()
+                frame = validated[name][["SUBJID", column, spec["date"]]]
+                frame = frame.take(distinct_rows([frame[c] for c in frame.columns])[1])   # drop_duplicates, on cached codes
                 parts.append(pd.DataFrame({"SUBJID": frame["SUBJID"], "VISIT": frame[column],
                                            "DTC": site_date_to_iso(frame[spec["date"]])}))
     return pd.concat(parts, ignore_index=True)
