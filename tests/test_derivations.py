@@ -8,7 +8,7 @@ import pytest
 from pipeline.derivations import codelists
 from pipeline.derivations import lab_unit_conversions as labs
 from pipeline.derivations.baseline import last_observation_before_exposure
-from pipeline.derivations.distinct_values import combined_rank, in_set
+from pipeline.derivations.distinct_values import combined_rank, distinct_rows, in_set
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import compare_partial, iso_datetime, is_site_time, site_date_to_iso
 from pipeline.derivations.sequence import sequence_number, sort_by_keys
@@ -183,6 +183,20 @@ def test_sort_by_keys_orders_codes_like_values(keys, expected_rows):
     })
     assert sort_by_keys(frame, keys)["ROW"].tolist() == expected_rows
     assert sort_by_keys(frame.iloc[:0], keys).empty
+
+
+@pytest.mark.parametrize("columns, codes, first", [
+    # SUBJID, VISIT, date of visit records: a repeated record is one combination, first seen first
+    ([["001", "001", "002", "001"], ["V1", "V1", "V1", "V2"], ["2026-03-07"] * 4], [0, 0, 1, 2], [0, 2, 3]),
+    # missing values equal each other and differ from every value
+    ([["001", "001", "001", "001"], [None, "V1", None, None], [None, None, None, "2026-03-07"]], [0, 1, 0, 2], [0, 1, 3]),
+    # the same texts in other columns are other combinations
+    ([["001", "V1"], ["V1", "001"]], [0, 1], [0, 1]),
+    ([[]], [], []),
+])
+def test_distinct_rows(columns, codes, first):
+    combined, positions = distinct_rows([pd.Series(c, dtype="str") for c in columns])
+    assert combined.tolist() == codes and positions.tolist() == first
 
 
 def _chunked(texts):
