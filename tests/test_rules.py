@@ -219,7 +219,6 @@ def test_every_column_rule_passes_a_missing_value(name):
         assert rule.passes(Parsed(frame, columns)).tolist() == [True, True], rule.check_name
 
 
-
 def raw_frame(name: str, rows: list[dict]) -> pd.DataFrame:
     """A raw frame as ingest makes it: every column as text, the site as a category."""
     columns = metadata.raw_schema(name)["columns"]

@@ -67,7 +67,8 @@ def dated_visits(validated: dict[str, pd.DataFrame]) -> pd.DataFrame:
         for column, spec in metadata.raw_schema(name)["columns"].items():
             if spec.get("kind") == "visit" and spec.get("date"):
                 frame = validated[name][["SUBJID", column, spec["date"]]]
-                frame = frame.take(distinct_rows([frame[c] for c in frame.columns])[1])   # drop_duplicates, on cached codes
+                # drop_duplicates, on the factorization codes the mapping shares
+                frame = frame.take(distinct_rows([frame[c] for c in frame.columns])[1])
                 parts.append(pd.DataFrame({"SUBJID": frame["SUBJID"], "VISIT": frame[column],
                                            "DTC": site_date_to_iso(frame[spec["date"]])}))
     return pd.concat(parts, ignore_index=True)

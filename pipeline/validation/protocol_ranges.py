@@ -62,7 +62,8 @@ def _lab_checks(item: dict) -> ProtocolCheck:
     elif kind == "hbv_core_with_dna":
         def breach(f):
             detectable = f["LBTESTCD"].eq(item["dna_test"]) & (f["LBSTRESN"] > 0)
-            return rows(f) & f["LBSTRESC"].eq("POSITIVE") & in_set(f["USUBJID"], f.loc[detectable.fillna(False), "USUBJID"])
+            with_dna = f.loc[detectable.fillna(False), "USUBJID"]
+            return rows(f) & f["LBSTRESC"].eq("POSITIVE") & in_set(f["USUBJID"], with_dna)
     else:
         raise ValueError(f"unknown lab criterion kind {kind}")
 
