@@ -238,12 +238,14 @@ def read_csv_file(transfer: Transfer, name: str, data: bytes, schema: dict, sha2
         transfer.problem("TRF-CSV", file=name, detail="the file is empty; expected at least the header row")
         return None
     names = [h.strip().upper() for h in header]
-    duplicated = sorted({n for n in names if names.count(n) > 1})
+    expected = schema["columns"]
+    # A spec column twice is ambiguous (which one holds the data?); unknown ones are ignored anyway,
+    # so repeats among them (the empty names of trailing commas from a spreadsheet) are only reported.
+    duplicated = sorted({n for n in names if n in expected and names.count(n) > 1})
     if duplicated:
         transfer.problem("TRF-COLUMNS", file=name,
                          detail=f"column(s) {', '.join(map(_shown, duplicated))} appear more than once")
         return None
-    expected = schema["columns"]
     missing = [c for c, spec in expected.items() if spec.get("required") and c not in names]
     if missing:
         transfer.problem("TRF-COLUMNS", file=name,
@@ -251,9 +253,11 @@ def read_csv_file(transfer: Transfer, name: str, data: bytes, schema: dict, sha2
         return None
     raw = RawFile(name=name, sha256=sha256 or hashlib.sha256(data).hexdigest(), rows=len(columns[0]) if columns else 0,
                   data=pd.DataFrame())
-    for extra in [n for n in names if n not in expected]:
+    for extra in dict.fromkeys(n for n in names if n not in expected):
+        times = names.count(extra)
         raw.findings.append(findings.single("RAW-EXTRA-COLUMN", site=transfer.site, transfer=transfer.name,
-                                            file=name, column=_shown(extra)))
+                                            file=name, column=_shown(extra),
+                                            detail=f" ({times} columns of that name)" if times > 1 else None))
     count = raw.rows
     frame = {c: columns[names.index(c)] if c in names else pa.nulls(count, pa.string()) for c in expected}
     out = pa.table(frame).to_pandas()
@@ -288,7 +292,10 @@ def stack_transfers(parts: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def _shown(text: str) -> str:
-    """Header text for a one-line message: control characters (line breaks, NUL) escaped."""
+    """Header text for a one-line message: control characters (line breaks, NUL) escaped, and a
+    blank name said, not printed as nothing."""
+    if not text.strip():
+        return "(empty name)"
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
@@ -332,7 +339,14 @@ def _parse_python(body: bytes) -> tuple[list[str] | None, list[pa.Array], list[t
     if csv.field_size_limit() < len(body):
         csv.field_size_limit(len(body))
     reader = csv.reader(io.StringIO(body.decode("utf-8"), newline=""), strict=True)
-    records = [r for r in reader if r]
+    records, line = [], 1
+    try:
+        for record in reader:
+            if record:
+                records.append(record)
+            line = reader.line_num + 1
+    except csv.Error as error:   # the csv module only knows where it stopped, not where it began
+        raise csv.Error(f"{error} in the record that starts on line {line}") from error
     if not records:
         return None, [], []
     header, data = records[0], records[1:]

@@ -274,6 +274,9 @@ def test_unscheduled_visit_numbers_follow_previous_visit_by_date():
                           pd.Series(["2026-03-11T10:00", "2026-03-13"]), table)
     assert values(number) == [2.02, 8.0]
     assert values(visit_name(pd.Series(["UNSCHEDULED", "DAY 7"]), number)) == ["UNSCHEDULED 2.02", "DAY 7"]
+    partial = visit_number(pd.Series(["01-001"]), pd.Series(["UNSCHEDULED"]), pd.Series(["2026-03"]), table)
+    assert values(partial) == [None]
+    assert values(visit_name(pd.Series(["UNSCHEDULED"]), partial)) == ["UNSCHEDULED"]   # kept, not lost
 
 
 @pytest.mark.parametrize("dtc, first, last, complete, expected", [

@@ -55,6 +55,8 @@ DEFECTS = [
     Defect("PROT-MRS-ENROL", "WARNING", "mrs.csv", "03", {"VISIT": "SCREENING", "MRSTYPE": "CURRENT"},
            {"MRSSCORE": "1"}),
     Defect("PROT-SEROLOGY", "WARNING", "lb.csv", "01", {"LBTEST": "HIV Ab"}, {"LBORRES": "POSITIVE"}),
+    Defect("RAW-VISIT-PARTIAL-DATE", "WARNING", "lb.csv", "02", {"VISIT": "DAY 7"},
+           {"VISIT": "UNSCHEDULED", "LBDAT": "UN MAR 2026", "LBTIM": ""}),
 ]
 SUBJECT_LEVEL = ["RAW-SUBJECT-HELD", "RAW-ENROL-MISSING", "RAW-DOSE-NOT-ENROLLED", "RAW-FIELD-COUNT"]
 
@@ -160,6 +162,17 @@ def test_rule(rules_run, defect):
     changed = [v for v in defect.change.values() if v]
     assert not changed or any(v in mine["MESSAGE"] for v in changed) or defect.rule.startswith("PROT-"), mine["MESSAGE"]
     assert in_sdtm(rules_run, defect.site, defect.file, defect.row) == (defect.severity == "WARNING")
+
+
+def test_unscheduled_visit_on_a_partial_date_keeps_its_visit_name(rules_run):
+    """The spec allows a partial LBDAT; an unscheduled visit on one cannot be numbered, but the
+    record keeps the site's VISIT rather than losing it."""
+    (defect,) = [d for d in DEFECTS if d.rule == "RAW-VISIT-PARTIAL-DATE"]
+    lineage = pq.read_table(rules_run["output"] / "lineage" / "lb.parquet").to_pandas()
+    origin = lineage[(lineage["SITEID"] == defect.site) & (lineage["TRANSFER"] == CURRENT) & (lineage["ROW"] == defect.row)]
+    lb = pq.read_table(rules_run["output"] / "sdtm" / "lb.parquet").to_pandas()
+    (record,) = lb.merge(origin.rename(columns={"SEQ": "LBSEQ"})[["USUBJID", "LBSEQ"]]).itertuples(index=False)
+    assert (record.VISIT, record.LBDTC) == ("UNSCHEDULED", "2026-03") and pd.isna(record.VISITNUM)
 
 
 def test_subject_with_a_held_back_dm_record_is_held_back_everywhere(rules_run):

@@ -159,6 +159,29 @@ def test_optional_column_may_be_absent_and_unknown_column_is_reported(tmp_path):
     assert "SITE_COMMENT" in raw.findings[0]["MESSAGE"]
 
 
+def test_repeated_unknown_columns_are_reported_once_and_ignored(tmp_path):
+    """Spec section 4: unknown extra columns are reported and ignored, whatever their names; the
+    trailing commas of a spreadsheet export make several columns with an empty name."""
+    data = (b"SUBJID,BRTHDAT,AGE,SEX,RACE,ETHNIC,RFICDAT,Note,NOTE,,\n"
+            b"01-001,1980,45,F,ASIAN,,2026-02-20,a,b,,\n")
+    write_transfer(tmp_path, "01", NEW, one_subject_trial(), raw_files={"dm.csv": data})
+    raw = current(tmp_path).files["dm.csv"]
+    assert raw.data.loc[0, "SUBJID"] == "01-001" and raw.data.loc[0, "RFICDAT"] == "2026-02-20"
+    assert [f["RULE"] for f in raw.findings] == ["RAW-EXTRA-COLUMN", "RAW-EXTRA-COLUMN"]
+    assert [f["MESSAGE"] for f in raw.findings] == [
+        "dm.csv: column NOTE is not in the transfer spec; ignored (2 columns of that name)",
+        "dm.csv: column (empty name) is not in the transfer spec; ignored (2 columns of that name)"]
+
+
+def test_unterminated_quote_is_refused_with_the_line_it_starts_on(tmp_path):
+    data = b'SUBJID,BRTHDAT,AGE,SEX,RACE,ETHNIC,RFICDAT\n01-001,1980,45,F,ASIAN,,2026-02-20\n"01-002,1981,46,M,,,\n'
+    write_transfer(tmp_path, "01", OLD, one_subject_trial())
+    write_transfer(tmp_path, "01", NEW, one_subject_trial(), raw_files={"dm.csv": data})
+    status, reason = statuses(tmp_path)[("01", NEW)]
+    assert status == "REJECTED"
+    assert "dm.csv: not a readable CSV file: unexpected end of data in the record that starts on line 3" in reason
+
+
 def test_record_with_wrong_field_count_is_kept_and_reported(tmp_path):
     data = (b"SUBJID,BRTHDAT,AGE,SEX,RACE,ETHNIC,RFICDAT\n01-001,1980,45,F,ASIAN,,2026-02-20\n"
             b"01-002,1981,46,M\n\"01-003\",\"1982\",\"47\",\"F\",\"\",\"\",\"2026-02-21\"\n")

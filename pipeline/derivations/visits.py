@@ -75,13 +75,14 @@ def visit_number(subjid: pd.Series, visit: pd.Series, dtc: pd.Series, unschedule
 
 @on_distinct_rows
 def visit_name(visit: pd.Series, visitnum: pd.Series) -> pd.Series:
-    """The schedule name, or `UNSCHEDULED 8.01` (unique per VISITNUM) for unscheduled visits."""
+    """The schedule name, or `UNSCHEDULED 8.01` (unique per VISITNUM) for unscheduled visits;
+    the raw `UNSCHEDULED` as it is where no VISITNUM could be derived (a partial date)."""
     hundredths = (visitnum * 100).round().astype("Int64")
     label = (hundredths // 100).astype("str") + "." + (hundredths % 100).astype("str").str.zfill(2)
     unscheduled = metadata.visits()["unscheduled"]
     named = unscheduled["name"].split("{")[0] + label
     is_unscheduled = visit == unscheduled["visit"]
-    return visit.where(~is_unscheduled, named.where(visitnum.notna())).astype("str")
+    return visit.where(~is_unscheduled, named.where(visitnum.notna(), visit)).astype("str")
 
 
 @on_distinct_rows

@@ -107,7 +107,8 @@ def build_checks() -> list[ProtocolCheck]:
         elif kind == "antibody_positive":
             checks.append(ProtocolCheck(
                 item, "enrol_antibody", lambda f: ~f["ctx_antibody_positive"],
-                lambda f, i=item: pd.Series("no positive " + " / ".join(i["tests"]) + " result at screening",
+                lambda f, i=item: pd.Series("no positive " + " / ".join(i["tests"]) + " result at screening"
+                                            " in SDTM LB (records held back are not counted: see the quarantine)",
                                             index=f.index)))
         else:
             checks.append(_lab_checks(item))

@@ -174,6 +174,18 @@ def _time_on_partial_date(time_column: str, date_column: str) -> RawRule:
                    lambda rows: {"value": rows[time_column], "detail": site_date_to_iso(rows[date_column])})
 
 
+def _unscheduled_on_partial_date(visit_column: str, date_column: str) -> RawRule:
+    """An unscheduled visit is numbered from its date; a partial date cannot place it."""
+    unscheduled = metadata.visits()["unscheduled"]["visit"]
+
+    def passes(p: Parsed) -> pd.Series:
+        date = p.iso(date_column)
+        return ~(p.frame[visit_column].eq(unscheduled).fillna(False) & date.notna() & ~is_complete_date(date))
+
+    return RawRule("RAW-VISIT-PARTIAL-DATE", visit_column, passes,
+                   lambda rows: {"value": rows[visit_column], "detail": f"{date_column} = '" + rows[date_column] + "'"})
+
+
 def _condition(p: Parsed, when: dict) -> pd.Series:
     mask = pd.Series(True, index=p.frame.index)
     for column, value in when.items():
@@ -186,11 +198,13 @@ def _when_text(when: dict) -> str:
 
 
 def record_rules(schema: dict) -> list[RawRule]:
-    """The file's cross-field rules, from its `keys` and `record_rules` (and times whose date
-    column is declared, which ISO 8601 cannot carry on a partial date)."""
+    """The file's cross-field rules, from its `keys` and `record_rules` (and, for columns whose
+    date column is declared, times and unscheduled visits that a partial date cannot carry)."""
     columns = schema["columns"]
     out = [_time_on_partial_date(c, spec["date"]) for c, spec in columns.items()
            if spec.get("kind") == "time" and spec.get("date")]
+    out += [_unscheduled_on_partial_date(c, spec["date"]) for c, spec in columns.items()
+            if spec.get("kind") == "visit" and spec.get("date") and not spec.get("dosing_only")]
     keys = schema.get("keys")
     if keys:
         def unique(p: Parsed, k=keys) -> pd.Series:
