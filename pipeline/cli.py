@@ -107,10 +107,13 @@ def dagster_home(zone: str) -> Path:
 def preflight(exports: Path, output: Path, zone: str, home: Path) -> None:
     """Everything that makes an invocation unusable, checked before Dagster starts (exit 2)."""
     from pipeline.output_folder import OutputFolder, OutputFolderError
-    from pipeline.transfers import RANDOMIZATION_PATH, ExportsRootError, list_transfers
+    from pipeline.transfers import RANDOMIZATION_PATH, ExportsRootError, has_site_folders, list_transfers
 
     try:
         list_transfers(exports)
+        if not has_site_folders(exports):   # a wrong --exports would publish an empty set over good outputs
+            raise UsageError(f"exports folder {exports} has no site-XX folder; expected the folder that holds "
+                             "site-01/, site-02/ ... (nothing was run)")
     except ExportsRootError as error:
         raise UsageError(str(error)) from None
     if zone == "unblinded":

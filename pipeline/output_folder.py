@@ -77,7 +77,11 @@ class OutputFolder:
             path = self.root / entry
             if (path.exists() or path.is_symlink()) and not path.is_symlink():
                 raise OutputFolderError(f"{path} exists and was not written by mesae; move it away or use another --output")
-        if self.root.exists() and not os.access(self.root, os.W_OK | os.X_OK):
+        try:   # created now, so that a path that cannot be a folder is refused before the run starts
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputFolderError(f"output folder {self.root} cannot be created: {error.strerror}") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
             raise OutputFolderError(f"output folder {self.root} is not writable")
 
     def claim(self) -> None:

@@ -18,7 +18,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ import pyarrow.csv as pacsv
 from pipeline import findings, metadata
 
 SITE_FOLDER = re.compile(r"^site-(\d{2})$")
+LIKE_SITE_FOLDER = re.compile(r"site[-_ ]?\d+", re.IGNORECASE)
 TRANSFER_FOLDER = re.compile(r"^\d{8}T\d{6}$")
 ENCODINGS = {"utf-8": "utf-8", "gb18030": "gb18030"}
 MANIFEST = "manifest.json"
@@ -57,6 +58,7 @@ class Transfer:
     path: Path
     status: str = "PENDING"
     exported_at: str | None = None
+    data_cutoff: str | None = None      # the UTC date of exported_at (AEENTPT of ongoing events)
     encoding: str | None = None
     manifest_files: dict = field(default_factory=dict)
     files: dict[str, RawFile] = field(default_factory=dict)
@@ -76,16 +78,8 @@ class ExportsRootError(Exception):
 
 def list_transfers(root: Path) -> list[Transfer]:
     """Every transfer folder of every site, oldest first per site; nothing is read yet."""
-    if not root.exists():
-        raise ExportsRootError(f"exports folder {root} does not exist")
-    if not root.is_dir():
-        raise ExportsRootError(f"exports path {root} is not a folder")
-    try:
-        names = sorted(os.listdir(root))
-    except OSError as error:
-        raise ExportsRootError(f"exports folder {root} cannot be read: {error.strerror}") from None
     transfers = []
-    for name in names:
+    for name in _root_entries(root):
         match = SITE_FOLDER.match(name)
         if not match or not (root / name).is_dir():
             continue
@@ -98,6 +92,35 @@ def list_transfers(root: Path) -> list[Transfer]:
             if (site_dir / entry).is_dir():
                 transfers.append(Transfer(site=match.group(1), name=entry, path=site_dir / entry))
     return transfers
+
+
+def _root_entries(root: Path) -> list[str]:
+    try:
+        if not root.exists():
+            raise ExportsRootError(f"exports folder {root} does not exist")
+        if not root.is_dir():
+            raise ExportsRootError(f"exports path {root} is not a folder")
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise ExportsRootError(f"exports folder {root} cannot be read: permission to list and open it is needed")
+        return sorted(os.listdir(root))
+    except OSError as error:
+        raise ExportsRootError(f"exports folder {root} cannot be read: {error.strerror}") from None
+
+
+def misnamed_site_folders(root: Path) -> list[Transfer]:
+    """Folders that look like a site's (`site-3`, `site-003`) but are not `site-<two digits>`:
+    REJECTED with the reason, so that a site's data never vanishes without a word."""
+    out = []
+    for name in _root_entries(root):
+        if LIKE_SITE_FOLDER.fullmatch(name) and not SITE_FOLDER.match(name) and (root / name).is_dir():
+            transfer = Transfer(site=None, name=name, path=root / name, status="REJECTED")
+            transfer.problem("TRF-SITE-FOLDER", value=name)
+            out.append(transfer)
+    return out
+
+
+def has_site_folders(root: Path) -> bool:
+    return any(SITE_FOLDER.match(name) and (root / name).is_dir() for name in _root_entries(root))
 
 
 def _valid_folder_time(name: str) -> bool:
@@ -131,12 +154,16 @@ def read_manifest(transfer: Transfer) -> bool:
     if missing:
         transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=f"missing key(s) {', '.join(missing)}")
         return False
-    if str(manifest["site"]) != transfer.site:
-        transfer.problem("TRF-SITE", file=MANIFEST, value=manifest["site"], expected=transfer.site)
-    if not isinstance(manifest["exported_at"], str):
-        transfer.problem("TRF-MANIFEST", file=MANIFEST, detail="exported_at is not a text timestamp")
+    site = manifest["site"]
+    if not (site == transfer.site or (type(site) is int and f"{site:02d}" == transfer.site)):
+        transfer.problem("TRF-SITE", file=MANIFEST, value=json.dumps(site, ensure_ascii=False), expected=transfer.site)
+    exported = export_time(manifest["exported_at"])
+    if exported is None:
+        transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=(
+            f"exported_at {json.dumps(manifest['exported_at'], ensure_ascii=False)} is not an ISO 8601 date "
+            "and time; expected the UTC time of export, e.g. 2026-11-23T22:00:05Z"))
     else:
-        transfer.exported_at = manifest["exported_at"]
+        transfer.exported_at, transfer.data_cutoff = manifest["exported_at"], exported.date().isoformat()
     encoding = str(manifest["encoding"]).lower()
     if encoding not in ENCODINGS:
         transfer.problem("TRF-ENCODING", file=MANIFEST, value=manifest["encoding"])
@@ -145,6 +172,12 @@ def read_manifest(transfer: Transfer) -> bool:
     files = manifest["files"]
     if not isinstance(files, dict):
         transfer.problem("TRF-MANIFEST", file=MANIFEST, detail="files is not an object")
+        return False
+    outside = [name for name in files if not _plain_file_name(name)]
+    if outside:   # a path could reach another site's folder, or unblinded/: never opened
+        transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=(
+            f"file name(s) {', '.join(json.dumps(n, ensure_ascii=False) for n in outside)} are not plain names "
+            "of files in the transfer folder"))
         return False
     for name, entry in files.items():
         ok = (isinstance(entry, dict) and isinstance(entry.get("rows"), int) and not isinstance(entry.get("rows"), bool)
@@ -155,11 +188,29 @@ def read_manifest(transfer: Transfer) -> bool:
     transfer.manifest_files = {n: e for n, e in files.items() if isinstance(e, dict)}
     for name in spec_files():
         if name not in files:
-            transfer.problem("TRF-MISSING-FILE", file=name, detail="not listed in manifest.json")
+            other_case = [n for n in files if n.lower() == name.lower()]
+            hint = f" (it lists {other_case[0]}: file names are case-sensitive)" if other_case else ""
+            transfer.problem("TRF-MISSING-FILE", file=name, detail=f"not listed in manifest.json{hint}")
     for name in files:
         if not (transfer.path / name).is_file():
             transfer.problem("TRF-MISSING-FILE", file=name, detail="listed in manifest.json but absent")
     return not any(p["SEVERITY"] == "ERROR" for p in transfer.problems)
+
+
+def export_time(text) -> datetime | None:
+    """exported_at as an aware UTC time, or None when it is not an ISO 8601 date and time. Without
+    an offset it is read as UTC: the spec's transfer folders are the UTC time of export."""
+    if not isinstance(text, str) or len(text) <= 10:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def _plain_file_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\x00" not in name
 
 
 def file_sha256(path: Path) -> str:
@@ -170,25 +221,79 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_checksums(transfer: Transfer) -> bool:
+class KnownChecksums:
+    """The sha256 of transfer files hashed before, by path and file identity (size, modification
+    and change times, inode), kept in the output folder's state. Every run checks every older
+    transfer against its manifest, but hashes a file again only when it changed on disk: without
+    this, a run's cost would grow with the history of nightly transfers (a year of them at 10,000
+    subjects is 24 GB to hash, about 95 s). The transfer that becomes CURRENT is always read and
+    hashed whole."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.known: dict[str, list] = {}
+        self.seen: dict[str, list] = {}
+        if path is not None:
+            try:
+                self.known = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self.known = {}
+
+    @staticmethod
+    def _identity(stat: os.stat_result) -> list[int]:
+        return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+    def sha256(self, file: Path, data: bytes | None = None) -> str:
+        """The file's sha256 (of `data` when the caller has just read it)."""
+        key = str(file.absolute())
+        before = self._identity(file.stat())
+        entry = self.known.get(key)
+        if data is None and isinstance(entry, list) and entry[:-1] == before:
+            actual = entry[-1]
+        else:
+            actual = hashlib.sha256(data).hexdigest() if data is not None else file_sha256(file)
+        if self._identity(file.stat()) == before:   # not changed while it was read
+            self.seen[key] = [*before, actual]
+        return actual
+
+    def save(self) -> None:
+        """Keeps the files seen by this run (a removed transfer drops out); atomic replace."""
+        if self.path is None:
+            return
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(self.seen, sort_keys=True), encoding="utf-8")
+        os.replace(temporary, self.path)
+
+
+def verify_checksums(transfer: Transfer, checksums: KnownChecksums | None = None) -> bool:
     """Manifest and sha256 only: enough to call an older transfer complete (SUPERSEDED)."""
     if not read_manifest(transfer):
         return False
+    checksums = checksums or KnownChecksums()
     for name, entry in transfer.manifest_files.items():
-        actual = file_sha256(transfer.path / name)
+        try:
+            actual = checksums.sha256(transfer.path / name)
+        except OSError as error:
+            transfer.problem("TRF-UNREADABLE", file=name, detail=error.strerror)
+            continue
         if actual != str(entry.get("sha256", "")).lower():
             transfer.problem("TRF-SHA256", file=name, value=actual, expected=entry.get("sha256"))
     return not transfer.problems
 
 
-def load(transfer: Transfer) -> bool:
+def load(transfer: Transfer, checksums: KnownChecksums | None = None) -> bool:
     """Full verification and read of a transfer that is to become CURRENT."""
     if not read_manifest(transfer):
         return False
+    checksums = checksums or KnownChecksums()
     spec = {metadata.raw_schema(n)["file"]: n for n in metadata.RAW_FILES}
     for name, entry in transfer.manifest_files.items():
-        data = (transfer.path / name).read_bytes()
-        actual = hashlib.sha256(data).hexdigest()
+        try:
+            data = (transfer.path / name).read_bytes()
+            actual = checksums.sha256(transfer.path / name, data)
+        except OSError as error:
+            transfer.problem("TRF-UNREADABLE", file=name, detail=error.strerror)
+            continue
         if actual != str(entry.get("sha256", "")).lower():
             transfer.problem("TRF-SHA256", file=name, value=actual, expected=entry.get("sha256"))
             continue
@@ -357,7 +462,7 @@ def _parse_python(body: bytes) -> tuple[list[str] | None, list[pa.Array], list[t
     return header, columns, ragged
 
 
-def select_current(transfers: list[Transfer]) -> list[Transfer]:
+def select_current(transfers: list[Transfer], checksums: KnownChecksums | None = None) -> list[Transfer]:
     """Status of every transfer; per site the newest complete one is fully read and CURRENT."""
     by_site: dict[str, list[Transfer]] = {}
     for transfer in transfers:
@@ -366,14 +471,14 @@ def select_current(transfers: list[Transfer]) -> list[Transfer]:
         current_found = False
         for transfer in sorted(site_transfers, key=lambda t: t.name, reverse=True):
             if not current_found:
-                if load(transfer):
+                if load(transfer, checksums):
                     transfer.status = "CURRENT"
                     current_found = True
                 else:
                     transfer.status = "REJECTED"
                     transfer.files.clear()
             else:
-                transfer.status = "SUPERSEDED" if verify_checksums(transfer) else "REJECTED"
+                transfer.status = "SUPERSEDED" if verify_checksums(transfer, checksums) else "REJECTED"
     return transfers
 
 

@@ -95,6 +95,8 @@ def test_study_day(dtc, reference, day):
     ("2.5E10", 2.5e10), ("2.5e10", 2.5e10), ("25000000000", 2.5e10), ("2.5x10^10", 2.5e10),
     ("5.0E10", 5.0e10), ("1.0E11", 1.0e11), ("1x10^11", 1.0e11),
     ("2.5 E10", None), ("2,5E10", None), ("two", None), ("2.5X10^10", None), (None, None),
+    ("5.0E+10", 5.0e10), ("2.5e+10", 2.5e10),         # the E notation of number formatters and the IWRS
+    ("5.0E-10", None), ("5.0E++10", None), ("-5E10", None),
 ])
 def test_dose_particles(label, particles):
     assert values(dose_particles(pd.Series([label], dtype="str"))) == [particles]

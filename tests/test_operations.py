@@ -338,3 +338,35 @@ def test_cli_names_the_cause_of_a_run_that_failed_before_any_step(failed_runs):
     for result, advice in runs:
         reason = failure_reason(result)
         assert advice in failure_guidance(reason), reason
+
+
+def refused(capsys, *args) -> str:
+    """`mesae run ...` refused before Dagster starts: exit 2, one line on stderr, no traceback."""
+    from pipeline.cli import main
+
+    code = main(["run", *map(str, args)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_an_exports_root_without_site_folders_is_refused_before_it_replaces_good_outputs(
+        tmp_path, capsys, monkeypatch):
+    """Pointing --exports one level too deep (a site's folder) or at an empty folder would publish an
+    empty set over last night's outputs: refused as an unusable input root (contract section 1)."""
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    write_transfer(tmp_path / "exports", "01", T2, one_subject_trial())
+    (tmp_path / "empty").mkdir()
+    for root in (tmp_path / "exports" / "site-01", tmp_path / "empty"):
+        err = refused(capsys, "--exports", root, "--output", tmp_path / "output")
+        assert f"exports folder {root} has no site-XX folder" in err
+    assert not (tmp_path / "output").exists()
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    write_transfer(tmp_path / "exports", "01", T2, one_subject_trial())
+    (tmp_path / "a-file").write_text("")
+    output = tmp_path / "a-file" / "output"
+    err = refused(capsys, "--exports", tmp_path / "exports", "--output", output)
+    assert err.strip() == f"mesae: output folder {output} cannot be created: Not a directory"

@@ -47,10 +47,6 @@ PYTHON = sys.executable
 # several times faster, which keeps the whole file near two minutes.
 FAST_TMP = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 RUN_ID = re.compile(r"run ([0-9a-f-]{36}) published")
-# Known bug in pipeline/cli.py (reported, not owned here): failure_reason() matches the event type
-# names "STEP_FAILURE"/"RUN_FAILURE" but Dagster calls a run failure "PIPELINE_FAILURE" and a
-# resource that cannot start "RESOURCE_INIT_FAILURE", so a busy lock or an unwritable .mesae/
-# is reported as "see the run's log in the Dagster UI" instead of its reason.
 
 
 # --- shared trial and helpers --------------------------------------------------------------

@@ -4,6 +4,9 @@ import csv
 import hashlib
 import json
 import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -229,3 +232,154 @@ def test_unblinded_folder_is_never_listed(tmp_path):
 def test_missing_exports_root_is_refused(tmp_path):
     with pytest.raises(transfers.ExportsRootError, match="does not exist"):
         transfers.list_transfers(tmp_path / "nowhere")
+
+
+_OPENED: list[list[str]] = []
+
+
+def _record_opens(event, args):
+    if _OPENED and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED[-1].append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_opens)
+
+
+@contextmanager
+def opened_files():
+    """The paths this process opens inside the block (Python's audit hook)."""
+    _OPENED.append([])
+    try:
+        yield _OPENED[-1]
+    finally:
+        _OPENED.pop()
+
+
+def rewrite_manifest(folder, change) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_manifest_cannot_name_a_file_outside_its_transfer_folder(tmp_path):
+    """Contract section 5: blinded outputs never read unblinded/. A manifest file name with a path
+    would reach it (or another site's folder): the transfer is REJECTED and the file never opened."""
+    secret = tmp_path / "unblinded" / "randomization.csv"
+    secret.parent.mkdir()
+    secret.write_text("RANDNO,SUBJID,TRTGRP,DOSE,RANDDAT\n")
+    write_transfer(tmp_path, "01", OLD, one_subject_trial())
+    folder = write_transfer(tmp_path, "01", NEW, one_subject_trial())
+    rewrite_manifest(folder, lambda m: m["files"].update(
+        {"../../unblinded/randomization.csv": {"rows": 0, "sha256": "0" * 64}}))
+    with opened_files() as opened:
+        result = statuses(tmp_path)
+    assert result[("01", OLD)] == ("CURRENT", None)
+    status, reason = result[("01", NEW)]
+    assert status == "REJECTED" and 'file name(s) "../../unblinded/randomization.csv" are not plain names' in reason
+    assert not [f for f in opened if "randomization" in f]
+
+
+def test_older_transfers_are_hashed_again_only_when_their_files_changed(tmp_path):
+    """Every run checks every older transfer against its manifest; a file unchanged on disk since
+    it was hashed is not read again (the nightly cost must not grow with the transfer history)."""
+    exports = tmp_path / "exports"
+    write_transfer(exports, "01", OLD, one_subject_trial())
+    write_transfer(exports, "01", NEW, one_subject_trial())
+
+    def run():
+        checksums = transfers.KnownChecksums(tmp_path / "checksums.json")
+        found = transfers.select_current(transfers.list_transfers(exports), checksums)
+        checksums.save()
+        return {(t.site, t.name): (t.status, t.reason) for t in found}
+
+    first = run()
+    with opened_files() as opened:
+        second = run()
+    assert first == second == {("01", OLD): ("SUPERSEDED", None), ("01", NEW): ("CURRENT", None)}
+    assert not [f for f in opened if OLD in f and f.endswith(".csv")]
+    assert [f for f in opened if NEW in f and f.endswith(".csv")]          # the current one is read
+    older = exports / "site-01" / OLD / "ae.csv"
+    stat, data = older.stat(), older.read_bytes()
+    older.write_bytes(data.replace(b"mild", b"MILD"))                      # same size, same mtime
+    os.utime(older, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    status, reason = run()[("01", OLD)]
+    assert status == "REJECTED" and "ae.csv: sha256" in reason and "does not match the manifest" in reason
+
+
+@pytest.mark.parametrize("exported_at, cutoff", [
+    ("2026-11-23T22:00:05Z", "2026-11-23"),
+    ("2026-11-23T22:00:05.250+00:00", "2026-11-23"),
+    ("20261123T220005Z", "2026-11-23"),                   # ISO 8601 basic format
+    ("2026-11-24T06:00:05+08:00", "2026-11-23"),          # the same moment in Beijing: the UTC date
+    ("2026-11-23T22:00:05", "2026-11-23"),                # no offset: UTC, as the folder names are
+    ("yesterday", None),
+    ("2026-11-23", None),                                 # a date is not a time of export
+    (1764021605, None),
+])
+def test_exported_at_is_an_iso_8601_time_and_gives_the_utc_cutoff(tmp_path, exported_at, cutoff):
+    """AEENTPT of ongoing events is the data cut-off: the UTC date of exported_at, never its text."""
+    write_transfer(tmp_path, "01", OLD, one_subject_trial())
+    folder = write_transfer(tmp_path, "01", NEW, one_subject_trial())
+    rewrite_manifest(folder, lambda m: m.update(exported_at=exported_at))
+    status, reason = statuses(tmp_path)[("01", NEW)]
+    if cutoff is None:
+        assert status == "REJECTED" and "is not an ISO 8601 date and time" in reason
+    else:
+        assert status == "CURRENT" and current(tmp_path).data_cutoff == cutoff
+
+
+@pytest.mark.parametrize("site, accepted", [("01", True), (1, True), ("1", False), (2, False), (True, False)])
+def test_manifest_site_is_the_folder_site_as_text_or_number(tmp_path, site, accepted):
+    write_transfer(tmp_path, "01", NEW, one_subject_trial())
+    folder = tmp_path / "site-01" / NEW
+    rewrite_manifest(folder, lambda m: m.update(site=site))
+    status, reason = statuses(tmp_path)[("01", NEW)]
+    assert status == ("CURRENT" if accepted else "REJECTED")
+    if not accepted:
+        assert f"manifest site {json.dumps(site)} does not match the folder site 01" in reason
+
+
+def test_a_file_name_in_another_case_is_named_in_the_reason(tmp_path):
+    folder = write_transfer(tmp_path, "01", NEW, one_subject_trial())
+    (folder / "dm.csv").rename(folder / "DM.csv")
+    rewrite_manifest(folder, lambda m: m["files"].update({"DM.csv": m["files"].pop("dm.csv")}))
+    status, reason = statuses(tmp_path)[("01", NEW)]
+    assert status == "REJECTED"
+    assert "dm.csv: not listed in manifest.json (it lists DM.csv: file names are case-sensitive)" in reason
+
+
+@pytest.mark.parametrize("name", ["site-1", "site-001", "Site-01", "site_02"])
+def test_a_folder_named_like_a_site_but_not_site_two_digits_is_reported(tmp_path, name):
+    write_transfer(tmp_path, "01", NEW, one_subject_trial())
+    (tmp_path / "site-01").rename(tmp_path / name)
+    write_transfer(tmp_path, "03", NEW, one_subject_trial("03"))
+    (tmp_path / "notes").mkdir()
+    assert [t.site for t in transfers.list_transfers(tmp_path)] == ["03"]
+    (rejected,) = transfers.misnamed_site_folders(tmp_path)
+    assert (rejected.site, rejected.name, rejected.status) == (None, name, "REJECTED")
+    assert rejected.reason == f"site folder {name} is not site-<SITEID> with a two-digit SITEID; nothing in it is read"
+
+
+def test_an_unreadable_file_rejects_its_transfer_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    """The operating system refuses one CSV (permissions; root would read it anyway, so the refusal
+    is injected at the file system call): the transfer is REJECTED with the reason, not the run."""
+    write_transfer(tmp_path, "01", OLD, one_subject_trial())
+    folder = write_transfer(tmp_path, "01", NEW, one_subject_trial())
+    refused = folder / "lb.csv"
+    real_read_bytes, real_open = Path.read_bytes, Path.open
+
+    def read_bytes(self):
+        if self == refused:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_bytes(self)
+
+    def open_(self, *args, **kwargs):
+        if self == refused:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Path, "open", open_)
+    result = statuses(tmp_path)
+    assert result[("01", OLD)] == ("CURRENT", None)
+    assert result[("01", NEW)] == ("REJECTED", "lb.csv: cannot be read: Permission denied")

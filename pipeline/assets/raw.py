@@ -47,20 +47,21 @@ def site_transfers(settings: StudySettings) -> dg.DataVersion:
 def inventory_frame(all_transfers: list[transfers.Transfer]) -> pd.DataFrame:
     """transfers.parquet rows: one per transfer folder seen, with status and reason."""
     rows = []
-    for t in sorted(all_transfers, key=lambda t: (t.site, t.name)):
+    for t in sorted(all_transfers, key=lambda t: (t.site or "", t.name)):
         current = t.status == "CURRENT"
         rows.append({
             "SITEID": t.site, "TRANSFER": t.name, "STATUS": t.status, "REASON": t.reason, "EXPORTED_AT": t.exported_at,
             "FILES": int(len(t.files) if current else len(t.manifest_files)),
             "ROWS": int(sum(f.rows for f in t.files.values())) if current else
             int(sum(e.get("rows", 0) for e in t.manifest_files.values() if isinstance(e.get("rows"), int))),
+            "data_cutoff": t.data_cutoff,
             "file_rows": {n: f.rows for n, f in t.files.items()},
             "file_sha256": {n: f.sha256 for n, f in t.files.items()},
         })
-    frame = pd.DataFrame(rows, columns=[*INVENTORY_COLUMNS, "file_rows", "file_sha256"])
+    frame = pd.DataFrame(rows, columns=[*INVENTORY_COLUMNS, "data_cutoff", "file_rows", "file_sha256"])
     for column in ["FILES", "ROWS"]:
         frame[column] = frame[column].astype("int64")
-    for column in ["SITEID", "TRANSFER", "STATUS", "REASON", "EXPORTED_AT"]:
+    for column in ["SITEID", "TRANSFER", "STATUS", "REASON", "EXPORTED_AT", "data_cutoff"]:
         frame[column] = frame[column].astype("str")
     # Per-file figures as JSON text: Arrow IPC stores them, the lineage sidecar and run.json use them.
     frame["file_rows"] = frame["file_rows"].map(lambda d: json.dumps(d, sort_keys=True)).astype("str")
@@ -84,7 +85,10 @@ def _raw_specs() -> list[dg.AssetSpec]:
 
 @dg.multi_asset(specs=_raw_specs(), name="raw_ingest", can_subset=False)
 def raw_ingest(settings: StudySettings, store: AssetStore):
-    all_transfers = transfers.select_current(transfers.list_transfers(settings.exports))
+    checksums = transfers.KnownChecksums(settings.output.state / "checksums.json")
+    all_transfers = [*transfers.select_current(transfers.list_transfers(settings.exports), checksums),
+                     *transfers.misnamed_site_folders(settings.exports)]
+    checksums.save()
     current = [t for t in all_transfers if t.status == "CURRENT"]
     inventory = inventory_frame(all_transfers)
     ingest_findings = findings.combine([

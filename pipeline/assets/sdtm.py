@@ -189,7 +189,7 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
         mapping_inputs_ = MappingInputs(
             zone=zone, validated=validated, unscheduled_visits=unscheduled_visit_numbers(dated_visits(validated)),
             randomization=inputs.get("randomization"),
-            data_cutoff=dict(zip(current["SITEID"] + "/" + current["TRANSFER"], current["EXPORTED_AT"].str.slice(0, 10))))
+            data_cutoff=dict(zip(current["SITEID"] + "/" + current["TRANSFER"], current["data_cutoff"])))
         published = settings.output.root.resolve() / "sdtm"
         subjects = None
         for mapping in mappings:

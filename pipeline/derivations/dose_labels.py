@@ -1,7 +1,8 @@
 """EXDOSE from the particle count as written on the label.
 
 Labels come as `2.5E10`, `2.5e10`, `25000000000` or `2.5x10^10` (site-export-spec.md, ex.csv);
-all mean 2.5e10 particles. Anything else is not a dose: null here, a finding in validation.
+all mean 2.5e10 particles. `2.5E+10`, the same E notation as number formatters and the IWRS
+write it, is read too. Anything else is not a dose: null here, a finding in validation.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pandas as pd
 
 from pipeline.derivations.distinct_values import on_distinct_values, parsed_once
 
-_LABEL = r"^(?P<mantissa>[0-9]+(?:\.[0-9]+)?)(?:(?:[eE](?P<exp>[0-9]{1,2}))|(?:x10\^(?P<pow>[0-9]{1,2})))?\Z"
+_LABEL = r"^(?P<mantissa>[0-9]+(?:\.[0-9]+)?)(?:(?:[eE]\+?(?P<exp>[0-9]{1,2}))|(?:x10\^(?P<pow>[0-9]{1,2})))?\Z"
 
 
 @on_distinct_values
