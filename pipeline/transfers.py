@@ -226,7 +226,7 @@ class KnownChecksums:
     and change times, inode), kept in the output folder's state. Every run checks every older
     transfer against its manifest, but hashes a file again only when it changed on disk: without
     this, a run's cost would grow with the history of nightly transfers (a year of them at 10,000
-    subjects is 24 GB to hash, about 95 s). The transfer that becomes CURRENT is always read and
+    subjects is 24 GB to hash, 40 s or more). The transfer that becomes CURRENT is always read and
     hashed whole."""
 
     def __init__(self, path: Path | None = None):
