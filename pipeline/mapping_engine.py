@@ -95,11 +95,31 @@ class Work:
             raise MappingError(f"{prefix}.{column}: only subject-level files join row by row; use `from:`")
         return lookup(self.frame["SUBJID"], table)
 
+    def coordinates(self, file: str) -> pd.DataFrame:
+        """Each row's source coordinates (src_*) in `file`: the row itself for the mapping's own
+        file, the subject's record for a subject-level file joined by SUBJID. A subject without
+        one gets no value from that file either, so its row never reaches the output."""
+        own = self.frame[[c for c in self.frame.columns if c.startswith("src_")]]
+        if file == self.source or file not in SUBJECT_LEVEL_FILES:
+            return own
+        other = self.inputs.validated[file].drop_duplicates("SUBJID").set_index("SUBJID")
+        position = other.index.get_indexer(self.frame["SUBJID"])
+        if not (position >= 0).any():
+            return own
+        return other[own.columns].iloc[np.maximum(position, 0)].reset_index(drop=True).set_axis(own.index)
+
     def sources(self, spec: dict) -> list[pd.Series]:
         source = spec.get("source", [])
         return [self.resolve(s) for s in ([source] if isinstance(source, str) else source)]
 
-    def condition(self, when: dict | None) -> pd.Series:
+    def condition(self, when: dict | list[dict] | None) -> pd.Series:
+        """Rows where every `reference: value` of `when` holds; a list of such maps holds where
+        any of them does (AEOUT = FATAL or AESDTH = Y)."""
+        if isinstance(when, list):
+            mask = pd.Series(False, index=self.frame.index)
+            for alternative in when:
+                mask |= self.condition(alternative)
+            return mask
         mask = pd.Series(True, index=self.frame.index)
         for reference, value in (when or {}).items():
             mask &= canonical_value(self, reference).eq(value).fillna(False)
@@ -289,7 +309,11 @@ def visit_name_algorithm(work: Work, spec: dict) -> pd.Series:
 
 def epoch_algorithm(work: Work, spec: dict) -> pd.Series:
     dtc, first, last, complete = work.sources(spec)
-    return _text(epoch(dtc, first, last, complete.eq("Y")))
+    first_day = spec.get("first_day_without_time", "TREATMENT")
+    if first_day not in ("TREATMENT", "SCREENING"):
+        raise MappingError(f"epoch: first_day_without_time is TREATMENT or SCREENING, not {first_day!r}")
+    return _text(epoch(dtc, first, last, complete.eq("Y"),
+                       first_day_without_time_is_pre_dose=first_day == "SCREENING"))
 
 
 def study_day_algorithm(work: Work, spec: dict) -> pd.Series:
@@ -353,7 +377,7 @@ PARAMETERS = {
     "subject_first": {"from", "where", "value"}, "subject_last": {"from", "where", "value"},
     "subject_flag": {"from", "where"}, "arm": {"part"}, "visit_attribute": {"attribute"},
     "data_cutoff": {"when"}, "lab_test_attribute": {"attribute"}, "lab_standard_result": {"part"},
-    "baseline_flag": {"group", "exclude_when_present"},
+    "baseline_flag": {"group", "exclude_when_present"}, "epoch": {"first_day_without_time"},
 }
 
 
@@ -453,11 +477,17 @@ def _supplemental(mapping: dict, work: Work, frame: pd.DataFrame) -> pd.DataFram
             "QNAM": qualifier["qnam"], "QLABEL": qualifier["qlabel"], "QVAL": value,
             "QORIG": qualifier["qorig"], "QEVAL": qualifier.get("qeval"),
         })
-        for column in [c for c in frame.columns if c.startswith("src_")]:
-            piece[column] = frame[column]
+        # Lineage names the raw row the value comes from: enrol.csv for SUPPDM's enrol.* qualifiers.
+        files = {file for file, _ in qualifier_lineage(mapping, qualifier, work.inputs.zone)}
+        origin = work.coordinates(files.pop() if len(files) == 1 else mapping["source"]).iloc[order]
+        for column in origin.columns:
+            piece[column] = origin[column].to_numpy()
         pieces.append(piece[pd.notna(value)])
     schema = metadata.sdtm_schema("supp")
     supp = pd.concat(pieces, ignore_index=True)
+    for column in ("src_site", "src_transfer", "src_file"):   # categories differ between files
+        if column in supp.columns:
+            supp[column] = supp[column].astype("str").astype("category")
     supp = pd.DataFrame({**{v["name"]: typed(supp[v["name"]], v) for v in schema["variables"]},
                          **{c: supp[c] for c in supp.columns if c.startswith("src_")}})
     return sort_by_keys(supp, schema["keys"])
@@ -485,7 +515,7 @@ def column_lineage(mapping: dict, zone: str) -> dict[str, list[tuple[str, str]]]
         values = values if isinstance(values, list) else [values] * len(files)
         for other, value in zip(files, values):
             out += refs(value or {}, other)
-            out += [(other, column) for column in (spec.get("where") or {})]
+            out += [(other, column) for column in _condition_columns(spec.get("where"))]
         if not files and isinstance(spec.get("value"), dict):
             out += refs(spec["value"], file)
         out += [(file, c) if "." not in c else tuple(c.split(".", 1)) for c in (spec.get("when") or {})]
@@ -498,6 +528,10 @@ def column_lineage(mapping: dict, zone: str) -> dict[str, list[tuple[str, str]]]
     for name, spec in [*mapping["variables"].items(), *mapping.get("context", {}).items()]:
         resolved[name] = sorted(set(refs(spec, primary)))
     return resolved
+
+
+def _condition_columns(where: dict | list[dict] | None) -> list[str]:
+    return [column for alternative in (where if isinstance(where, list) else [where or {}]) for column in alternative]
 
 
 def qualifier_lineage(mapping: dict, qualifier: dict, zone: str) -> list[tuple[str, str]]:

@@ -295,3 +295,18 @@ def test_epoch(dtc, first, last, complete, expected):
     result = epoch(pd.Series([dtc], dtype="str"), pd.Series([first], dtype="str"), pd.Series([last], dtype="str"),
                    pd.Series([complete == "Y"]))
     assert values(result) == [expected]
+
+
+@pytest.mark.parametrize("dtc, first, expected", [
+    ("2026-03-07", "2026-03-07T09:00", "SCREENING"),       # a Day 1 score without a time: pre-dose
+    ("2026-03-07T08:00", "2026-03-07", "SCREENING"),       # the dose without a time
+    ("2026-03-07T10:00", "2026-03-07T09:00", "TREATMENT"),  # both times: compared
+    ("2026-03-08", "2026-03-07T09:00", "TREATMENT"),
+    ("2026-03-06", "2026-03-07", "SCREENING"),
+])
+def test_epoch_of_findings_on_the_first_dose_day(dtc, first, expected):
+    """Findings follow the baseline flag's rule: on the first-dose day, a record without a time
+    (or a dose without one) is pre-dose."""
+    result = epoch(pd.Series([dtc], dtype="str"), pd.Series([first], dtype="str"),
+                   pd.Series(["2026-04-04"], dtype="str"), pd.Series([True]), first_day_without_time_is_pre_dose=True)
+    assert values(result) == [expected]

@@ -260,6 +260,25 @@ def test_row_lineage_points_at_the_raw_row_with_its_sha256(run, dataset):
             f"{dataset}: a lineage row of {site}/{transfer}/{file} names another subject's raw row"
 
 
+@pytest.mark.parametrize("dataset", [d for d in DATASETS if mapping_of(d)[1]])
+def test_a_qualifier_traces_to_the_raw_file_its_value_comes_from(run, dataset):
+    """SUPPDM's enrol.* qualifiers come from enrol.csv, not from the parent DM record's dm.csv: the
+    file is the one the mapping file names for the qualifier, and a copied value is the raw text."""
+    mapping, _ = mapping_of(dataset)
+    lineage = pq.read_table(run.output / "lineage" / f"{dataset}.parquet").to_pandas()
+    records = pq.read_table(run.output / "sdtm" / f"{dataset}.parquet").to_pandas()
+    for qualifier in mapping["supplemental"]["qualifiers"]:
+        source = qualifier["value"]["source"]
+        file, column = source.split(".", 1) if "." in source else (mapping["source"], source)
+        mine = records["QNAM"] == qualifier["qnam"]
+        assert mine.any(), qualifier["qnam"]
+        assert set(lineage.loc[mine, "FILE"]) == {f"{file}.csv"}, qualifier["qnam"]
+        if qualifier["value"]["algorithm"] == "assign":
+            for origin, qval in zip(lineage[mine].itertuples(), records.loc[mine, "QVAL"]):
+                raw = raw_rows(run.exports, origin.SITEID, origin.TRANSFER, origin.FILE)[origin.ROW - 1]
+                assert raw[column] == qval, (qualifier["qnam"], origin)
+
+
 def trace_block(run, usubjid: str, seq: int, capsys) -> str:
     from pipeline.cli import main
 

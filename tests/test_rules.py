@@ -3,6 +3,8 @@ the demo trial (the rules the generator already plants are covered by test_demo_
 runs once, and each test asserts that the run exited 0, the record is not in SDTM (ERROR) or is
 (WARNING), its finding names the right file, row, rule and severity, and everything else maps."""
 
+import csv
+import io
 import json
 from dataclasses import dataclass, field
 
@@ -169,10 +171,28 @@ def test_unscheduled_visit_on_a_partial_date_keeps_its_visit_name(rules_run):
     record keeps the site's VISIT rather than losing it."""
     (defect,) = [d for d in DEFECTS if d.rule == "RAW-VISIT-PARTIAL-DATE"]
     lineage = pq.read_table(rules_run["output"] / "lineage" / "lb.parquet").to_pandas()
-    origin = lineage[(lineage["SITEID"] == defect.site) & (lineage["TRANSFER"] == CURRENT) & (lineage["ROW"] == defect.row)]
+    origin = lineage[(lineage["SITEID"] == defect.site) & (lineage["TRANSFER"] == CURRENT)
+                     & (lineage["ROW"] == defect.row)]
     lb = pq.read_table(rules_run["output"] / "sdtm" / "lb.parquet").to_pandas()
     (record,) = lb.merge(origin.rename(columns={"SEQ": "LBSEQ"})[["USUBJID", "LBSEQ"]]).itertuples(index=False)
     assert (record.VISIT, record.LBDTC) == ("UNSCHEDULED", "2026-03") and pd.isna(record.VISITNUM)
+
+
+def test_a_death_recorded_as_aesdth_alone_sets_the_dm_death_flag(rules_run):
+    """sdtm-reference: "AESDTH="Y" implies AEOUT="FATAL" and DM.DTHFL="Y"" and DTHDTC is the end
+    date of an "AE with AEOUT=FATAL / AESDTH=Y": the planted AE keeps its non-fatal outcome (and a
+    RAW-AE-DEATH warning), the subject's death is still in DM."""
+    (defect,) = [d for d in DEFECTS if d.rule == "RAW-AE-DEATH"]
+    exports = rules_run["exports"] / f"site-{defect.site}" / CURRENT
+    header, *rows = list(csv.reader(io.StringIO((exports / "ae.csv").read_text(encoding="utf-8-sig"))))
+    raw = dict(zip([h.upper() for h in header], rows[defect.row - 1]))
+    assert raw["AEOUT"] != "FATAL" and raw["AESDTH"] == "Y"
+    dm = pq.read_table(rules_run["output"] / "sdtm" / "dm.parquet").to_pandas().set_index("USUBJID")
+    subject = dm.loc[f"MESAE-{defect.subjid}"]
+    assert subject["DTHFL"] == "Y"
+    ae = pq.read_table(rules_run["output"] / "sdtm" / "ae.parquet").to_pandas()
+    ends = ae.loc[(ae["USUBJID"] == f"MESAE-{defect.subjid}") & (ae["AESDTH"] == "Y"), "AEENDTC"].dropna()
+    assert (pd.isna(subject["DTHDTC"]) and ends.empty) or subject["DTHDTC"] == ends.max()
 
 
 def test_subject_with_a_held_back_dm_record_is_held_back_everywhere(rules_run):

@@ -86,11 +86,14 @@ def visit_name(visit: pd.Series, visitnum: pd.Series) -> pd.Series:
 
 
 @on_distinct_rows
-def epoch(dtc: pd.Series, first_dose: pd.Series, last_dose: pd.Series, dosing_complete: pd.Series) -> pd.Series:
+def epoch(dtc: pd.Series, first_dose: pd.Series, last_dose: pd.Series, dosing_complete: pd.Series,
+          first_day_without_time_is_pre_dose: bool = False) -> pd.Series:
     """SCREENING before the first dose, TREATMENT up to the last dose of a completed dosing
     period (or onwards while dosing continues), FOLLOW-UP after; null for partial dates.
 
-    Times are compared when both sides carry one; otherwise the first-dose day is TREATMENT.
+    Times are compared when both sides carry one. Otherwise the first-dose day is TREATMENT
+    (events: an AE of that day may follow the dose), or, for findings, SCREENING: the schedule
+    samples and scores before dosing on Day 1, which is also what the baseline flag assumes.
     """
     names = metadata.visits()["epochs"]
     when = date_part(dtc)
@@ -98,6 +101,8 @@ def epoch(dtc: pd.Series, first_dose: pd.Series, last_dose: pd.Series, dosing_co
     last = date_part(last_dose)
     both_times = dtc.str.len().gt(10).fillna(False) & first_dose.str.len().gt(10).fillna(False)
     before_first = (when < first) | (both_times & (when == first) & (dtc < first_dose))
+    if first_day_without_time_is_pre_dose:
+        before_first |= ~both_times & (when == first)
     after_last = dosing_complete.fillna(False).astype(bool) & (when > last)
     out = pd.Series(names["first_to_last_dose"], index=dtc.index, dtype="str")
     out = out.where(~after_last.fillna(False), names["after_last_dose"])
