@@ -8,8 +8,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
+from conftest import run_cli
 from pipeline import transfers
 from site_exports import SPEC_COLUMNS, csv_bytes, one_subject_trial, write_transfer
 
@@ -383,3 +385,19 @@ def test_an_unreadable_file_rejects_its_transfer_and_keeps_the_previous_one(tmp_
     result = statuses(tmp_path)
     assert result[("01", OLD)] == ("CURRENT", None)
     assert result[("01", NEW)] == ("REJECTED", "lb.csv: cannot be read: Permission denied")
+
+
+def test_a_misnamed_site_folder_is_a_rejected_row_of_transfers_parquet(tmp_path):
+    """End to end: the run publishes the good sites and lists the misnamed folder as REJECTED."""
+    exports = tmp_path / "exports"
+    write_transfer(exports, "01", NEW, one_subject_trial())
+    write_transfer(exports, "03", NEW, one_subject_trial("03"))
+    (exports / "site-03").rename(exports / "site-3")
+    assert run_cli("run", "--exports", str(exports), "--output", str(tmp_path / "out"), home=tmp_path / "home") == 0
+    inventory = pq.read_table(tmp_path / "out" / "transfers.parquet").to_pandas()
+    misnamed = inventory[inventory["TRANSFER"] == "site-3"]
+    assert list(misnamed["STATUS"]) == ["REJECTED"] and misnamed["SITEID"].isna().all()
+    assert "site folder site-3 is not site-<SITEID>" in misnamed["REASON"].iloc[0]
+    quarantine = pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pandas()
+    assert "TRF-SITE-FOLDER" in set(quarantine["RULE"])
+    assert list(inventory.loc[inventory["STATUS"] == "CURRENT", "SITEID"]) == ["01"]
