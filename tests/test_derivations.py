@@ -132,6 +132,14 @@ def test_lab_test_code(name, code):
     ("APTT", "31.5", "s", "25", "35", "31.5", 31.5, "sec", 25.0, 35.0, "NORMAL"),
     ("INR", "1.1", None, "0.8", "1.2", "1.1", 1.1, None, 0.8, 1.2, "NORMAL"),
     ("NEUT", "<0.5", "10^9/L", None, None, "<0.5", None, "10^9/L", None, None, None),   # censored: text only
+    # a censored result against the range: LOW/HIGH only where the bound settles it
+    ("BILI", "<0.1", "mg/dL", "0.2", "1.2", "<1.71", None, "umol/L", 3.42, 20.52, "LOW"),
+    ("BILI", "<0.2", "mg/dL", "0.2", "1.2", "<3.42", None, "umol/L", 3.42, 20.52, "LOW"),     # below the limit itself
+    ("BILI", "<=0.2", "mg/dL", "0.2", "1.2", "<=3.42", None, "umol/L", 3.42, 20.52, None),  # may equal it
+    ("BILI", "<1.7", "umol/L", "1.5", "20", "<1.7", None, "umol/L", 1.5, 20.0, None),      # low or normal
+    ("ALT", ">200", "U/L", "0", "40", ">200", None, "U/L", 0.0, 40.0, "HIGH"),
+    ("ALT", ">=40", "U/L", "0", "40", ">=40", None, "U/L", 0.0, 40.0, None),
+    ("ALT", ">30", "U/L", "0", "40", ">30", None, "U/L", 0.0, 40.0, None),
     ("HBSAG", "Negative", None, None, None, "NEGATIVE", None, None, None, None, "NORMAL"),
     ("HIV12AB", "POSITIVE", None, None, None, "POSITIVE", None, None, None, None, "ABNORMAL"),
     ("NMDARAB", "1:32", None, None, None, "1:32", None, None, None, None, "ABNORMAL"),

@@ -59,6 +59,11 @@ DEFECTS = [
     Defect("PROT-SEROLOGY", "WARNING", "lb.csv", "01", {"LBTEST": "HIV Ab"}, {"LBORRES": "POSITIVE"}),
     Defect("RAW-VISIT-PARTIAL-DATE", "WARNING", "lb.csv", "02", {"VISIT": "DAY 7"},
            {"VISIT": "UNSCHEDULED", "LBDAT": "UN MAR 2026", "LBTIM": ""}),
+    # a censored screening result past an exclusion limit is a deviation too (ANC < 1.5 x10^9/L)
+    Defect("PROT-LAB", "WARNING", "lb.csv", "03",
+           {"VISIT": "SCREENING", "LBORRESU": "10^9/L",
+            "LBTEST": lambda v: v.upper() in ("ANC", "NEUTROPHILS", "ABSOLUTE NEUTROPHIL COUNT")},
+           {"LBORRES": "<0.5"}),
 ]
 SUBJECT_LEVEL = ["RAW-SUBJECT-HELD", "RAW-ENROL-MISSING", "RAW-DOSE-NOT-ENROLLED", "RAW-FIELD-COUNT"]
 
@@ -176,6 +181,19 @@ def test_unscheduled_visit_on_a_partial_date_keeps_its_visit_name(rules_run):
     lb = pq.read_table(rules_run["output"] / "sdtm" / "lb.parquet").to_pandas()
     (record,) = lb.merge(origin.rename(columns={"SEQ": "LBSEQ"})[["USUBJID", "LBSEQ"]]).itertuples(index=False)
     assert (record.VISIT, record.LBDTC) == ("UNSCHEDULED", "2026-03") and pd.isna(record.VISITNUM)
+
+
+def test_a_censored_result_past_an_exclusion_limit_is_reported_and_flagged_low(rules_run):
+    (defect,) = [d for d in DEFECTS if d.rule == "PROT-LAB" and d.change == {"LBORRES": "<0.5"}]
+    found = findings_at(rules_run, defect.site, defect.file, defect.row)
+    assert "screening NEUT = <0.5 10^9/L" in found["MESSAGE"].iloc[0]
+    lineage = pq.read_table(rules_run["output"] / "lineage" / "lb.parquet").to_pandas()
+    origin = lineage[(lineage["SITEID"] == defect.site) & (lineage["TRANSFER"] == CURRENT)
+                     & (lineage["ROW"] == defect.row)]
+    lb = pq.read_table(rules_run["output"] / "sdtm" / "lb.parquet").to_pandas()
+    (record,) = lb.merge(origin.rename(columns={"SEQ": "LBSEQ"})[["USUBJID", "LBSEQ"]]).itertuples(index=False)
+    assert record.LBSTRESC == "<0.5" and pd.isna(record.LBSTRESN)
+    assert (None if pd.isna(record.LBNRIND) else record.LBNRIND) == ("LOW" if record.LBSTNRLO >= 0.5 else None)
 
 
 def test_a_death_recorded_as_aesdth_alone_sets_the_dm_death_flag(rules_run):

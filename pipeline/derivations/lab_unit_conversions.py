@@ -150,6 +150,21 @@ def format_number(values: pd.Series) -> pd.Series:
     return arrow_text(pa.array(rounded, from_pandas=True).cast(pa.string()), values.index)
 
 
+def censored_beyond(operator: pd.Series, bound: pd.Series, low, high) -> tuple[pd.Series, pd.Series]:
+    """(certainly below `low`, certainly above `high`) for censored results: only where the bound
+    settles it. `<1.7` is below a limit of 3.4 (and of 1.7); against 1.5 it could be either."""
+    below = (operator.eq("<") & (bound <= low)) | (operator.eq("<=") & (bound < low))
+    above = (operator.eq(">") & (bound >= high)) | (operator.eq(">=") & (bound > high))
+    return below.fillna(False).astype(bool), above.fillna(False).astype(bool)
+
+
+def censored_parts(stresc: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """(operator, bound) of each standardized censored result (LBSTRESC `<1.71`); null otherwise."""
+    parsed = parse_result(stresc)
+    censored = parsed["kind"] == "censored"
+    return parsed["operator"].where(censored), parsed["number"].where(censored)
+
+
 @on_distinct_rows
 def standard_results(codes: pd.Series, orres: pd.Series, units: pd.Series,
                      ornrlo: pd.Series, ornrhi: pd.Series) -> pd.DataFrame:
@@ -184,6 +199,10 @@ def standard_results(codes: pd.Series, orres: pd.Series, units: pd.Series,
     nrind = nrind.where(~(numeric & stnrhi.notna() & (stresn > stnrhi)), "HIGH")
     in_range = numeric & (stnrlo.notna() | stnrhi.notna()) & nrind.isna()
     nrind = nrind.where(~in_range, "NORMAL")
+    below, above = censored_beyond(parsed["operator"].where(kind == "censored"),
+                                   pd.to_numeric(format_number(converted), errors="coerce"), stnrlo, stnrhi)
+    nrind = nrind.where(~below, "LOW")
+    nrind = nrind.where(~above, "HIGH")
     qualitative_flag = pd.Series(np.where(stresc == normal, "NORMAL", "ABNORMAL"), index=orres.index, dtype="str")
     judged = normal.notna() & kind.isin(["qualitative", "titre"])
     nrind = nrind.where(~judged, qualitative_flag)

@@ -18,7 +18,7 @@ import pandera.pandas as pa
 from pipeline import findings, metadata
 from pipeline.derivations.distinct_values import in_set, lookup
 from pipeline.derivations.iso_dates import date_part, site_date_to_iso
-from pipeline.derivations.lab_unit_conversions import format_number
+from pipeline.derivations.lab_unit_conversions import censored_beyond, censored_parts, format_number
 from pipeline.derivations.sequence import sort_by_keys
 from pipeline.derivations.visits import schedule
 from pipeline.validation.pandera_failures import placed_failures
@@ -51,12 +51,19 @@ def _lab_checks(item: dict) -> ProtocolCheck:
             base = base.where(~f["ctx_anticoag"].eq("Y").fillna(False), float(item[anticoag_key]))
         return base
 
+    def beyond(f, low, high):
+        """A number past the limit, or a censored result (`<0.5`) whose bound is past it."""
+        below, above = censored_beyond(*censored_parts(f["LBSTRESC"]), low, high)
+        return (f["LBSTRESN"] < low).fillna(False) | below, (f["LBSTRESN"] > high).fillna(False) | above
+
+    no_limit = np.nan
     if kind == "lab_min":
-        breach = lambda f: rows(f) & (f["LBSTRESN"] < limit(f, "min", "min_on_anticoagulant"))  # noqa: E731
+        breach = lambda f: rows(f) & beyond(f, limit(f, "min", "min_on_anticoagulant"), no_limit)[0]  # noqa: E731
     elif kind == "lab_max":
-        breach = lambda f: rows(f) & (f["LBSTRESN"] > limit(f, "max", "max_on_anticoagulant"))  # noqa: E731
+        breach = lambda f: rows(f) & beyond(f, no_limit, limit(f, "max", "max_on_anticoagulant"))[1]  # noqa: E731
     elif kind == "lab_max_uln":
-        breach = lambda f: rows(f) & (f["LBSTRESN"] > limit(f, "max_uln", "max_uln_on_anticoagulant") * f["LBSTNRHI"])  # noqa: E731
+        breach = lambda f: rows(f) & beyond(  # noqa: E731
+            f, no_limit, limit(f, "max_uln", "max_uln_on_anticoagulant") * f["LBSTNRHI"])[1]
     elif kind == "lab_negative":
         breach = lambda f: rows(f) & f["LBSTRESC"].eq("POSITIVE")  # noqa: E731
     elif kind == "hbv_core_with_dna":
