@@ -32,6 +32,7 @@ from pipeline.derivations.sequence import sequence_number, sort_by_keys
 from pipeline.derivations.study_day import study_day
 from pipeline.derivations.visits import epoch, visit_name, visit_number
 from pipeline.sdtm_datasets import arrow_type
+from pipeline.transfers import stack_transfers
 
 SUBJECT_LEVEL_FILES = ("dm", "enrol")
 
@@ -90,7 +91,7 @@ class Work:
         if prefix == "dm" and self.source != "dm":
             table = self.inputs.dm.set_index("SUBJID")[column]
         elif prefix in SUBJECT_LEVEL_FILES:
-            table = self.inputs.validated[prefix].drop_duplicates("SUBJID").set_index("SUBJID")[column]
+            table = self._subject_records(prefix)[column]
         else:
             raise MappingError(f"{prefix}.{column}: only subject-level files join row by row; use `from:`")
         return lookup(self.frame["SUBJID"], table)
@@ -102,11 +103,18 @@ class Work:
         own = self.frame[[c for c in self.frame.columns if c.startswith("src_")]]
         if file == self.source or file not in SUBJECT_LEVEL_FILES:
             return own
-        other = self.inputs.validated[file].drop_duplicates("SUBJID").set_index("SUBJID")
+        other = self._subject_records(file)
         position = other.index.get_indexer(self.frame["SUBJID"])
         if not (position >= 0).any():
             return own
         return other[own.columns].iloc[np.maximum(position, 0)].reset_index(drop=True).set_axis(own.index)
+
+    def _subject_records(self, file: str) -> pd.DataFrame:
+        """A subject-level file's records by SUBJID (the first one of a subject), made once."""
+        key = ("subject_records", file)
+        if key not in self.cache:
+            self.cache[key] = self.inputs.validated[file].drop_duplicates("SUBJID").set_index("SUBJID")
+        return self.cache[key]
 
     def sources(self, spec: dict) -> list[pd.Series]:
         source = spec.get("source", [])
@@ -481,13 +489,10 @@ def _supplemental(mapping: dict, work: Work, frame: pd.DataFrame) -> pd.DataFram
         files = {file for file, _ in qualifier_lineage(mapping, qualifier, work.inputs.zone)}
         origin = work.coordinates(files.pop() if len(files) == 1 else mapping["source"]).iloc[order]
         for column in origin.columns:
-            piece[column] = origin[column].to_numpy()
+            piece[column] = origin[column].array
         pieces.append(piece[pd.notna(value)])
     schema = metadata.sdtm_schema("supp")
-    supp = pd.concat(pieces, ignore_index=True)
-    for column in ("src_site", "src_transfer", "src_file"):   # categories differ between files
-        if column in supp.columns:
-            supp[column] = supp[column].astype("str").astype("category")
+    supp = stack_transfers(pieces)   # the coordinates' categories differ between files
     supp = pd.DataFrame({**{v["name"]: typed(supp[v["name"]], v) for v in schema["variables"]},
                          **{c: supp[c] for c in supp.columns if c.startswith("src_")}})
     return sort_by_keys(supp, schema["keys"])

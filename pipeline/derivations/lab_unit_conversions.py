@@ -177,19 +177,20 @@ def standard_results(codes: pd.Series, orres: pd.Series, units: pd.Series,
     factor = unit_factor(codes, units)
     converted = parsed["number"] * factor
     kind = parsed["kind"]
+    converted_text = format_number(converted)
+    rounded = pd.to_numeric(converted_text, errors="coerce")   # the number as STRESC shows it
     stresc = pd.Series(pd.NA, index=orres.index, dtype="str")
-    stresc = stresc.where(kind != "number", format_number(converted))
-    stresc = stresc.where(kind != "censored", parsed["operator"] + format_number(converted))
+    stresc = stresc.where(kind != "number", converted_text)
+    stresc = stresc.where(kind != "censored", parsed["operator"] + converted_text)
     stresc = stresc.where(~kind.isin(["titre", "below_lloq"]), orres)
     stresc = stresc.where(kind != "qualitative", orres.str.upper())
-    stresn = converted.where(kind == "number")
+    stresn = rounded.where(kind == "number")
     has_result = orres.notna()
     stresu = test_attribute(codes, "standard_unit").astype("str").where(has_result)
     stnrlo = _number(ornrlo) * factor
     stnrhi = _number(ornrhi) * factor
     stnrlo = pd.to_numeric(format_number(stnrlo), errors="coerce")
     stnrhi = pd.to_numeric(format_number(stnrhi), errors="coerce")
-    stresn = pd.to_numeric(format_number(stresn), errors="coerce")
     normal = test_attribute(codes, "normal").astype("str")
     stnrc = normal.where(has_result)
 
@@ -199,8 +200,7 @@ def standard_results(codes: pd.Series, orres: pd.Series, units: pd.Series,
     nrind = nrind.where(~(numeric & stnrhi.notna() & (stresn > stnrhi)), "HIGH")
     in_range = numeric & (stnrlo.notna() | stnrhi.notna()) & nrind.isna()
     nrind = nrind.where(~in_range, "NORMAL")
-    below, above = censored_beyond(parsed["operator"].where(kind == "censored"),
-                                   pd.to_numeric(format_number(converted), errors="coerce"), stnrlo, stnrhi)
+    below, above = censored_beyond(parsed["operator"].where(kind == "censored"), rounded, stnrlo, stnrhi)
     nrind = nrind.where(~below, "LOW")
     nrind = nrind.where(~above, "HIGH")
     qualitative_flag = pd.Series(np.where(stresc == normal, "NORMAL", "ABNORMAL"), index=orres.index, dtype="str")

@@ -53,7 +53,7 @@ def _lab_checks(item: dict) -> ProtocolCheck:
 
     def beyond(f, low, high):
         """A number past the limit, or a censored result (`<0.5`) whose bound is past it."""
-        below, above = censored_beyond(*censored_parts(f["LBSTRESC"]), low, high)
+        below, above = censored_beyond(f["ctx_censored_operator"], f["ctx_censored_bound"], low, high)
         return (f["LBSTRESN"] < low).fillna(False) | below, (f["LBSTRESN"] > high).fillna(False) | above
 
     no_limit = np.nan
@@ -169,6 +169,7 @@ def prepare_frames(dm: pd.DataFrame, lb: pd.DataFrame, qs: pd.DataFrame, ex: pd.
     ex_frame = with_facts(ex)
     ex_frame["ctx_planned_dose"] = ex_frame["ctx_cohort"].map(planned).astype("float64")
     lb_screening = with_facts(lb[lb["VISIT"].eq(SCREENING)])
+    lb_screening["ctx_censored_operator"], lb_screening["ctx_censored_bound"] = censored_parts(lb_screening["LBSTRESC"])
     enrol_frame = enrol.assign(USUBJID=metadata.study()["usubjid_prefix"] + enrol["SUBJID"])
     enrol_frame = with_facts(enrol_frame)
     antibody_tests = [i for i in metadata.protocol()["eligibility"] if i["kind"] == "antibody_positive"]

@@ -68,6 +68,11 @@ class Parsed:
     def test_code(self, column: str = "LBTEST") -> pd.Series:
         return self._memo(("test", column), lambda: labs.lab_test_code(self.frame[column]))
 
+    def partial_date(self, column: str) -> pd.Series:
+        """True where the date reads as ISO but lacks its day or month (`UN MAR 2026`, `2026`)."""
+        date = self.iso(column)
+        return date.notna() & ~is_complete_date(date)
+
     def time_ok(self, column: str) -> pd.Series:
         return self._memo(("time", column), lambda: is_site_time(self.frame[column]).fillna(False).astype(bool))
 
@@ -167,8 +172,7 @@ def column_rules(columns: dict) -> list[RawRule]:
 
 def _time_on_partial_date(time_column: str, date_column: str) -> RawRule:
     def passes(p: Parsed) -> pd.Series:
-        date = p.iso(date_column)
-        return ~(p.frame[time_column].notna() & p.time_ok(time_column) & date.notna() & ~is_complete_date(date))
+        return ~(p.frame[time_column].notna() & p.time_ok(time_column) & p.partial_date(date_column))
 
     return RawRule("RAW-TIME-PARTIAL-DATE", time_column, passes,
                    lambda rows: {"value": rows[time_column], "detail": site_date_to_iso(rows[date_column])})
@@ -179,8 +183,7 @@ def _unscheduled_on_partial_date(visit_column: str, date_column: str) -> RawRule
     unscheduled = metadata.visits()["unscheduled"]["visit"]
 
     def passes(p: Parsed) -> pd.Series:
-        date = p.iso(date_column)
-        return ~(p.frame[visit_column].eq(unscheduled).fillna(False) & date.notna() & ~is_complete_date(date))
+        return ~(p.frame[visit_column].eq(unscheduled).fillna(False) & p.partial_date(date_column))
 
     return RawRule("RAW-VISIT-PARTIAL-DATE", visit_column, passes,
                    lambda rows: {"value": rows[visit_column], "detail": f"{date_column} = '" + rows[date_column] + "'"})
