@@ -12,6 +12,7 @@ import sys
 
 import dagster as dg
 
+from pipeline.assets.raw import EXPORTS_KEY
 from pipeline.definitions import JOB_NAME, build_definitions
 
 
@@ -47,10 +48,17 @@ def pipeline_steps() -> list[dg.AssetsDefinition]:
     return [a for a in pipeline.assets if isinstance(a, dg.AssetsDefinition) and a.is_materializable]
 
 
+@dg.observable_source_asset(key=EXPORTS_KEY)
+def exports_observed() -> dg.DataVersion:
+    """The job's first step observes the exports, as the pipeline's does."""
+    return dg.DataVersion("floor")
+
+
 def floor_job() -> dg.JobDefinition:
-    job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.all(include_sources=False),
+    job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.all(include_sources=True),
                               executor_def=dg.in_process_executor)
-    return dg.Definitions(assets=[no_op_step(s) for s in pipeline_steps()], jobs=[job]).resolve_job_def(JOB_NAME)
+    assets = [exports_observed, *(no_op_step(s) for s in pipeline_steps())]
+    return dg.Definitions(assets=assets, jobs=[job]).resolve_job_def(JOB_NAME)
 
 
 def main() -> int:

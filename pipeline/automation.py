@@ -1,8 +1,12 @@
 """Nightly operations: the schedule, the new-transfer sensor and the run-failure guidance.
 
-The sensor's cursor is the newest COMPLETE transfer seen per site. A transfer still being copied
-does not match its manifest (a file missing or its sha256 different) and is not picked up until
-it does; the nightly schedule runs regardless, so nothing waits for a silent site.
+The sensor's cursor is the newest complete transfer seen per site. "Complete" means arrived: every
+file of its manifest present with its sha256. A transfer still being copied does not match and is
+not picked up until it does (the skip reason names it and why). The run then checks rows and
+columns as for any transfer, and a transfer that fails is REJECTED with its reason in
+transfers.parquet that same night. A folder's content is taken once: a corrected re-send goes in a
+new folder (a new export time, as the spec names them); the nightly schedule runs regardless, so
+nothing waits for a silent site.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ DEFAULT_CRON = "0 2 * * *"
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 
 
-def complete_new_transfers(root, cursor: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """(new cursor, the complete transfers newer than the cursor), checking newest first."""
+def complete_new_transfers(root, cursor: dict[str, str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """(new cursor, the complete transfers newer than the cursor, the newer ones still waiting with
+    why), checking each site's transfers newest first."""
     updated = dict(cursor)
-    found = []
+    found, waiting = [], []
     by_site: dict[str, list[transfers.Transfer]] = {}
     for transfer in transfers.list_transfers(root):
         by_site.setdefault(transfer.site, []).append(transfer)
@@ -37,20 +42,37 @@ def complete_new_transfers(root, cursor: dict[str, str]) -> tuple[dict[str, str]
                 updated[site] = transfer.name
                 found.append(f"{site}/{transfer.name}")
                 break
-    return updated, found
+            waiting.append(f"site-{site}/{transfer.name} ({transfer.reason})")
+    return updated, found, waiting
+
+
+def read_cursor(text: str | None) -> dict[str, str] | None:
+    """The cursor as {site: transfer}; None when it is not one (set by hand in the UI, say)."""
+    try:
+        cursor = json.loads(text) if text else {}
+    except ValueError:
+        return None
+    ok = isinstance(cursor, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in cursor.items())
+    return cursor if ok else None
 
 
 def build_sensor(job: dg.JobDefinition, exports_dir: str) -> dg.SensorDefinition:
     @dg.sensor(job=job, name="new_transfer_sensor", minimum_interval_seconds=60,
-               description="Starts the pipeline when a site's new transfer is complete (matches its manifest).")
+               description="Starts the pipeline when a site's new transfer has arrived completely (every file of "
+                           "its manifest, with its sha256); the run then accepts or rejects it.")
     def new_transfer_sensor(context: dg.SensorEvaluationContext):
-        cursor = json.loads(context.cursor) if context.cursor else {}
+        cursor = read_cursor(context.cursor)
+        if cursor is None:
+            # Start again from nothing: the transfers seen are requested once more under the same
+            # run_key as before, which Dagster does not launch twice.
+            context.log.warning(f"unreadable cursor {context.cursor!r}: starting again from an empty one")
+            cursor = {}
         try:
-            updated, found = complete_new_transfers(Path(exports_dir), cursor)
+            updated, found, waiting = complete_new_transfers(Path(exports_dir), cursor)
         except transfers.ExportsRootError as error:
             return dg.SkipReason(str(error))
         if not found:
-            return dg.SkipReason("no new complete transfer")
+            return dg.SkipReason("no new complete transfer" + (f"; waiting for {'; '.join(waiting)}" if waiting else ""))
         context.update_cursor(json.dumps(updated, sort_keys=True))
         run_key = hashlib.sha256(json.dumps(updated, sort_keys=True).encode()).hexdigest()[:16]
         return dg.RunRequest(run_key=run_key, tags={"mesae/transfers": ",".join(found)})

@@ -96,12 +96,26 @@ def zone_of(args) -> str:
 def dagster_home(zone: str) -> Path:
     """$DAGSTER_HOME, or a project-local instance per zone (SQLite), created on first use."""
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home" / zone).absolute()
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("# Created by mesae: a local SQLite instance. See README for PostgreSQL.\n"
-                          "telemetry:\n  enabled: false\n", encoding="utf-8")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        config = home / "dagster.yaml"
+        if not config.exists():
+            config.write_text("# Created by mesae: a local SQLite instance. See README for PostgreSQL.\n"
+                              "telemetry:\n  enabled: false\n", encoding="utf-8")
+    except OSError as error:
+        raise unusable_instance(home, error) from None
     return home
+
+
+def instance_problem(home: Path, error: BaseException) -> str:
+    """One line for the instance's storage failing: the OS's words, or the database's first line."""
+    cause = error.strerror if isinstance(error, OSError) and error.strerror else \
+        (str(getattr(error, "orig", None) or error).strip().splitlines() or [type(error).__name__])[0]
+    return f"the Dagster instance folder {home} cannot be used ({cause})"
+
+
+def unusable_instance(home: Path, error: BaseException) -> UsageError:
+    return UsageError(f"{instance_problem(home, error)}; set DAGSTER_HOME to a writable folder (nothing was run)")
 
 
 def preflight(exports: Path, output: Path, zone: str, home: Path) -> None:
@@ -144,15 +158,27 @@ def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: fl
     from pipeline.definitions import JOB_NAME, build_definitions
     from pipeline.resources import ZoneError, check_instance_zone
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     definitions = build_definitions(exports, output, zone, lock_timeout)
     job = definitions.resolve_job_def(JOB_NAME)
-    with dg.DagsterInstance.get() as instance:
+    # The instance's own storage failing (a read-only or full disk) is named in one line, as the
+    # contract asks: before the run, an unusable invocation; during it, a failed run.
+    try:
+        instance = dg.DagsterInstance.get()
+        check_instance_zone(instance, zone)
+    except ZoneError as error:
+        raise UsageError(str(error)) from None
+    except (OSError, SQLAlchemyError) as error:
+        raise unusable_instance(home, error) from None
+    with instance:
         try:
-            check_instance_zone(instance, zone)
-        except ZoneError as error:
-            raise UsageError(str(error)) from None
-        result = job.execute_in_process(instance=instance, raise_on_error=False, tags={"mesae/source": "cli"},
-                                        run_config=QUIET)
+            result = job.execute_in_process(instance=instance, raise_on_error=False, tags={"mesae/source": "cli"},
+                                            run_config=QUIET)
+        except (OSError, SQLAlchemyError) as error:
+            print(f"mesae: run failed: {instance_problem(home, error)}; the published outputs are unchanged",
+                  file=sys.stderr)
+            return 1
         if result.success:
             print_summary(output, result.run_id)
             return 0
@@ -193,6 +219,8 @@ def demo(args) -> int:
             generate_trial(exports, subjects=args.subjects, seed=args.seed)
         except ValueError as error:
             raise UsageError(str(error)) from None
+        except OSError as error:
+            raise UsageError(f"cannot write the demo trial to {exports}: {error.strerror or error}") from None
         print(f"wrote a synthetic MESAE trial to {exports}")
     home = dagster_home("blinded")
     preflight(exports, output, "blinded", home)
@@ -233,7 +261,11 @@ def trace(args) -> int:
         data = (source.path / hit.FILE).read_bytes()
         name = next(n for n in metadata.RAW_FILES if metadata.raw_schema(n)["file"] == hit.FILE)
         raw = transfers.read_csv_file(source, hit.FILE, data, metadata.raw_schema(name))
-        row = raw.data[raw.data["src_row"] == hit.ROW].iloc[0]
+        rows = raw.data[raw.data["src_row"] == hit.ROW] if raw is not None else raw
+        if rows is None or rows.empty:
+            raise UsageError(f"{source.path / hit.FILE} has no readable data row {hit.ROW} any more: the file "
+                             f"changed since the run (the run read sha256 {hit.SHA256})")
+        row = rows.iloc[0]
         sha_note = "sha256 matches" if raw.sha256 == hit.SHA256 else f"CHANGED since the run (run saw {hit.SHA256})"
         print(f"{args.domain.upper()} {args.usubjid} SEQ {seq} <- {source.path / hit.FILE} data row {hit.ROW} ({sha_note})")
         for column in metadata.raw_schema(name)["columns"]:

@@ -38,7 +38,9 @@ def build_definitions(exports: str | Path, output: str | Path, zone: str = "blin
               build_report_assets(zone)]
     if zone == "unblinded":
         assets.append(build_randomization_asset())
-    job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.all(include_sources=False),
+    # The job observes the exports first (a step of its own): each raw materialization then records
+    # the exports' data version it read, and the UI flags raw/* stale only when a site sends data.
+    job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.all(include_sources=True),
                               executor_def=dg.in_process_executor,
                               description=f"Every asset of the {zone} zone: ingest, validate, map, publish.",
                               tags={"mesae/zone": zone})

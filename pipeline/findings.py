@@ -21,9 +21,15 @@ class _Blank(dict):
         return ""
 
 
+def printable(text: str) -> str:
+    """Text for a one-line message: control characters (line breaks, NUL) escaped as `\\n`, `\\x00`."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def render(rule: str, **fields) -> str:
     template = metadata.rules()[rule]["message"]
-    values = _Blank({k: "" if v is None or (isinstance(v, float) and v != v) else v for k, v in fields.items()})
+    values = _Blank({k: "" if v is None or (isinstance(v, float) and v != v) else printable(v) if isinstance(v, str)
+                     else v for k, v in fields.items()})
     return string.Formatter().vformat(template, (), values)
 
 

@@ -317,11 +317,10 @@ def visit_name_algorithm(work: Work, spec: dict) -> pd.Series:
 
 def epoch_algorithm(work: Work, spec: dict) -> pd.Series:
     dtc, first, last, complete = work.sources(spec)
-    first_day = spec.get("first_day_without_time", "TREATMENT")
+    first_day = spec.get("first_dose_day", "TREATMENT")
     if first_day not in ("TREATMENT", "SCREENING"):
-        raise MappingError(f"epoch: first_day_without_time is TREATMENT or SCREENING, not {first_day!r}")
-    return _text(epoch(dtc, first, last, complete.eq("Y"),
-                       first_day_without_time_is_pre_dose=first_day == "SCREENING"))
+        raise MappingError(f"epoch: first_dose_day is TREATMENT or SCREENING, not {first_day!r}")
+    return _text(epoch(dtc, first, last, complete.eq("Y"), pre_dose_on_first_dose_day=first_day == "SCREENING"))
 
 
 def study_day_algorithm(work: Work, spec: dict) -> pd.Series:
@@ -385,7 +384,7 @@ PARAMETERS = {
     "subject_first": {"from", "where", "value"}, "subject_last": {"from", "where", "value"},
     "subject_flag": {"from", "where"}, "arm": {"part"}, "visit_attribute": {"attribute"},
     "data_cutoff": {"when"}, "lab_test_attribute": {"attribute"}, "lab_standard_result": {"part"},
-    "baseline_flag": {"group", "exclude_when_present"}, "epoch": {"first_day_without_time"},
+    "baseline_flag": {"group", "exclude_when_present"}, "epoch": {"first_dose_day"},
 }
 
 
@@ -499,21 +498,39 @@ def _supplemental(mapping: dict, work: Work, frame: pd.DataFrame) -> pd.DataFram
 
 
 def column_lineage(mapping: dict, zone: str) -> dict[str, list[tuple[str, str]]]:
-    """For each SDTM variable, the (raw file or sdtm/dm, column) pairs it is derived from."""
+    """For each SDTM variable, the (raw file or sdtm/dm, column) pairs it is derived from: its
+    sources, conditions (`where`, `when`, `when_present`), grouping and, for a DM subject fact
+    (`dm.ctx_...`, not a published column), the raw columns DM derived that fact from."""
     primary = mapping["source"]
+    specs = {**mapping["variables"], **mapping.get("context", {})}
     resolved: dict[str, list[tuple[str, str]]] = {}
+
+    def of(name: str) -> list[tuple[str, str]]:
+        if name not in resolved:
+            resolved[name] = []   # a reference cycle ends here instead of recursing
+            resolved[name] = sorted(set(refs(specs[name], primary)))
+        return resolved[name]
+
+    def reference_lineage(reference: str, file: str) -> list[tuple[str, str]]:
+        if reference.startswith("$"):
+            return of(reference[1:])
+        if "." not in reference:
+            return [(file, reference)]
+        prefix, column = reference.split(".", 1)
+        if prefix == "dm" and primary != "dm":
+            return column_lineage(metadata.mapping("dm"), zone)[column] if column.startswith("ctx_") \
+                else [("sdtm/dm", column)]
+        return [(prefix, column)]
 
     def refs(spec: dict, file: str) -> list[tuple[str, str]]:
         out = []
         source = spec.get("source", [])
         for reference in [source] if isinstance(source, str) else source:
-            if reference.startswith("$"):
-                out += resolved.get(reference[1:], [])
-            elif "." in reference:
-                prefix, column = reference.split(".", 1)
-                out.append(("sdtm/dm" if prefix == "dm" and primary != "dm" else prefix, column))
-            else:
-                out.append((file, reference))
+            out += reference_lineage(reference, file)
+        for reference in [spec.get("when_present"), spec.get("exclude_when_present")]:
+            out += reference_lineage(reference, file) if reference else []
+        for variable in spec.get("group", []):
+            out += of(variable)
         files = spec.get("from")
         files = files if isinstance(files, list) else ([files] if files else [])
         values = spec.get("value")
@@ -530,8 +547,8 @@ def column_lineage(mapping: dict, zone: str) -> dict[str, list[tuple[str, str]]]
             out += [tuple(r.split(".", 1)) for r in UNBLINDED_SOURCES.get(spec.get("algorithm"), [])]
         return out
 
-    for name, spec in [*mapping["variables"].items(), *mapping.get("context", {}).items()]:
-        resolved[name] = sorted(set(refs(spec, primary)))
+    for name in specs:
+        of(name)
     return resolved
 
 

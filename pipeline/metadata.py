@@ -101,6 +101,11 @@ def code_version() -> str:
 @lru_cache(maxsize=None)
 def _code_version(root_text: str) -> str:
     root = Path(root_text)
-    code = sorted(PROJECT_ROOT.joinpath("pipeline").rglob("*.py"))
     data = sorted([*root.joinpath("schemas").rglob("*.yaml"), *root.joinpath("mappings").rglob("*.yaml")])
-    return f"{__version__}+{files_digest(code, PROJECT_ROOT)[:8]}{files_digest(data, root)[:8]}"
+    return f"{__version__}+{package_code_digest()[:8]}{files_digest(data, root)[:8]}"
+
+
+@lru_cache(maxsize=None)
+def package_code_digest(root: Path = PROJECT_ROOT) -> str:
+    """sha256 of the package's Python code: part of the code version of every asset it derives."""
+    return files_digest(sorted(root.joinpath("pipeline").rglob("*.py")), root)

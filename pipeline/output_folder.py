@@ -83,6 +83,9 @@ class OutputFolder:
             raise OutputFolderError(f"output folder {self.root} cannot be created: {error.strerror}") from None
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise OutputFolderError(f"output folder {self.root} is not writable")
+        if self.state.exists() and not self.state.is_dir():
+            raise OutputFolderError(f"{self.state} exists and is not mesae's state folder; move it away or use "
+                                    "another --output")
 
     def claim(self) -> None:
         """Records the zone of a new folder. The first run to record it wins: a marker is never

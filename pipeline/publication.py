@@ -15,6 +15,7 @@ from pipeline import findings, metadata
 from pipeline.derivations.distinct_values import as_text, on_distinct_rows
 from pipeline.output_folder import OutputFolder
 from pipeline.sdtm_datasets import sdtm_table, to_table, writes_in_background
+from pipeline.transfers import RANDOMIZATION_PATH
 
 QUARANTINE_LABELS = {
     "SITEID": "Study Site Identifier", "TRANSFER": "Transfer Folder", "FILE": "Raw File",
@@ -61,6 +62,17 @@ def check_one_input_set(sdtm: dict[str, pd.DataFrame], quarantine: pd.DataFrame,
         raise MixedInputsError(
             "the outputs would mix transfers: " + "; ".join(stale[:5]) + f" (current: {sorted(allowed)}); "
             "materialize the whole job (mesae run) instead of reports/* alone")
+
+
+def check_one_code_version(frames: dict[str, pd.DataFrame], version: str) -> None:
+    """Every value to publish was built by this code: after a code change, a run of reports/* alone
+    would otherwise publish the old derivations under the new code version."""
+    other = sorted(f"{name} ({frame.attrs.get('code_version', 'unknown')})" for name, frame in frames.items()
+                   if frame.attrs.get("code_version") != version)
+    if other:
+        raise MixedInputsError(
+            f"the outputs would mix code versions: {', '.join(other[:5])} built by another version than this "
+            f"run's {version}; materialize the whole job (mesae run) instead of reports/* alone")
 
 
 def _variables(labels: dict[str, str], types: dict[str, str] | None = None) -> list[dict]:
@@ -157,10 +169,10 @@ def traceability_html(matrix: pd.DataFrame, records: dict[str, int], summary: di
 
 def publish_outputs(folder: OutputFolder, run_id: str, sdtm: dict[str, pd.DataFrame], quarantine: pd.DataFrame,
                     inventory: pd.DataFrame, eligibility: pd.DataFrame, traceability: pd.DataFrame,
-                    randomization: tuple[int, int] | None, finished_at: datetime) -> tuple[dict, pd.DataFrame]:
-    """`randomization` is (rows read, rows used) of the IWRS list in the unblinded zone."""
+                    randomization: tuple[int, int, str] | None, finished_at: datetime) -> tuple[dict, pd.DataFrame]:
+    """`randomization` is (rows read, rows used, sha256) of the IWRS list in the unblinded zone."""
     check_one_input_set(sdtm, quarantine, inventory)
-    rows, reasons = accounting(sdtm, quarantine, inventory, randomization)
+    rows, reasons = accounting(sdtm, quarantine, inventory, randomization[:2] if randomization else None)
     staging = folder.new_staging(run_id)
     current = inventory[inventory["STATUS"] == "CURRENT"]
     sha: dict[tuple, str] = {}
@@ -194,6 +206,8 @@ def publish_outputs(folder: OutputFolder, run_id: str, sdtm: dict[str, pd.DataFr
     records = {d: len(f) for d, f in sdtm.items()}
     summary = {
         "zone": folder.zone, "studyid": metadata.study()["studyid"], "inputs": dict(sorted(inputs.items())),
+        **({"randomization": {"file": "/".join(RANDOMIZATION_PATH), "sha256": randomization[2]}}
+           if randomization else {}),
         "rows": rows, "not_mapped_reasons": {f: dict(sorted(r.items())) for f, r in sorted(reasons.items())},
         "code_version": metadata.code_version(), "finished_at": finished_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "run_id": run_id, "records": records,

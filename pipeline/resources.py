@@ -15,10 +15,12 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import PrivateAttr
 
+from pipeline import metadata
 from pipeline.output_folder import STALE_SUFFIX, OutputFolder, asset_store
 from pipeline.transfers import ExportsRootError
 
 INSTANCE_ZONE_MARKER = "mesae-zone"
+CODE_VERSION_ATTR = "code_version"  # stamped on every stored value: publication refuses a mix of versions
 ZONE_KEY = "mesae/zone"
 
 
@@ -111,7 +113,8 @@ class AssetStore(dg.ConfigurableResource):
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pandas(frame, preserve_index=False)
-        attrs = json.dumps(frame.attrs, sort_keys=True, default=str).encode()
+        attrs = json.dumps({**frame.attrs, CODE_VERSION_ATTR: metadata.code_version()}, sort_keys=True,
+                           default=str).encode()
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"mesae_attrs": attrs})
         temporary = path.with_suffix(".arrow.tmp")
         with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:

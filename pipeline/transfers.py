@@ -18,7 +18,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +127,18 @@ def _valid_folder_time(name: str) -> bool:
     if not TRANSFER_FOLDER.match(name):
         return False
     try:
-        datetime.strptime(name, "%Y%m%dT%H%M%S")
+        folder_time(name)
     except ValueError:
         return False
     return True
+
+
+def folder_time(name: str) -> datetime:
+    """The UTC time of export a transfer folder is named after (spec section 3)."""
+    return datetime.strptime(name, "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
+
+
+EXPORT_TIME_TOLERANCE = timedelta(hours=1)   # between the folder name and exported_at (an export takes time)
 
 
 def read_manifest(transfer: Transfer) -> bool:
@@ -144,7 +152,10 @@ def read_manifest(transfer: Transfer) -> bool:
     except FileNotFoundError:
         transfer.problem("TRF-MANIFEST", file=MANIFEST, detail="manifest.json is missing")
         return False
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except OSError as error:
+        transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=f"manifest.json cannot be read ({error.strerror})")
+        return False
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=f"not readable JSON ({error})")
         return False
     if not isinstance(manifest, dict):
@@ -162,6 +173,13 @@ def read_manifest(transfer: Transfer) -> bool:
         transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=(
             f"exported_at {json.dumps(manifest['exported_at'], ensure_ascii=False)} is not an ISO 8601 date "
             "and time; expected the UTC time of export, e.g. 2026-11-23T22:00:05Z"))
+    elif abs(exported - folder_time(transfer.name)) > EXPORT_TIME_TOLERANCE:
+        # A mistyped folder (20621128T...) would stay CURRENT for years; a mistyped exported_at
+        # would date every ongoing AE. They name the same export, so they must agree.
+        transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=(
+            f"exported_at {json.dumps(manifest['exported_at'], ensure_ascii=False)} is not the export time of the "
+            f"folder name {transfer.name} ({folder_time(transfer.name):%Y-%m-%dT%H:%M:%SZ} UTC); both name the "
+            f"time of the export and must agree within {EXPORT_TIME_TOLERANCE.seconds // 60} minutes"))
     else:
         transfer.exported_at, transfer.data_cutoff = manifest["exported_at"], exported.date().isoformat()
     encoding = str(manifest["encoding"]).lower()
@@ -221,23 +239,29 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class KnownChecksums:
-    """The sha256 of transfer files hashed before, by path and file identity (size, modification
-    and change times, inode), kept in the output folder's state. Every run checks every older
-    transfer against its manifest, but hashes a file again only when it changed on disk: without
-    this, a run's cost would grow with the history of nightly transfers (a year of them at 10,000
-    subjects is 24 GB to hash, 40 s or more). The transfer that becomes CURRENT is always read and
-    hashed whole."""
+class KnownTransfers:
+    """What earlier runs learnt about the transfers, kept in the output folder's state: the sha256
+    of each file by path and identity (size, modification and change times, inode), and the
+    verdict of each older transfer's full read. Every run checks every older transfer against its
+    manifest, but a file is hashed again only when it changed on disk, and a transfer is read
+    again only when its manifest, its folder listing or the code changed: without this, a run's
+    cost would grow with the history of nightly transfers (a year of them at 10,000 subjects is
+    24 GB to hash, 40 s or more). The transfer that becomes CURRENT is always read whole."""
 
     def __init__(self, path: Path | None = None):
         self.path = path
-        self.known: dict[str, list] = {}
-        self.seen: dict[str, list] = {}
+        known = {}
         if path is not None:
             try:
-                self.known = json.loads(path.read_text(encoding="utf-8"))
+                known = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                self.known = {}
+                known = {}
+        known = known if isinstance(known, dict) else {}
+        self.known_files: dict[str, list] = known.get("files", {}) if isinstance(known.get("files"), dict) else {}
+        self.known_verdicts: dict[str, list] = (known.get("verdicts", {})
+                                                if isinstance(known.get("verdicts"), dict) else {})
+        self.seen_files: dict[str, list] = {}
+        self.seen_verdicts: dict[str, list] = {}
 
     @staticmethod
     def _identity(stat: os.stat_result) -> list[int]:
@@ -247,32 +271,53 @@ class KnownChecksums:
         """The file's sha256 (of `data` when the caller has just read it)."""
         key = str(file.absolute())
         before = self._identity(file.stat())
-        entry = self.known.get(key)
+        entry = self.known_files.get(key)
         if data is None and isinstance(entry, list) and entry[:-1] == before:
             actual = entry[-1]
         else:
             actual = hashlib.sha256(data).hexdigest() if data is not None else file_sha256(file)
         if self._identity(file.stat()) == before:   # not changed while it was read
-            self.seen[key] = [*before, actual]
+            self.seen_files[key] = [*before, actual]
         return actual
 
+    @staticmethod
+    def _verdict_key(transfer: Transfer) -> str:
+        """Once its files match their manifest's checksums, a transfer's content is its manifest and
+        folder listing: the verdict of a full read holds while they, and the code, stay the same."""
+        digest = hashlib.sha256(f"{metadata.code_version()}|{transfer.path.absolute()}|".encode())
+        digest.update((transfer.path / MANIFEST).read_bytes())
+        digest.update("|".join(sorted(os.listdir(transfer.path))).encode())
+        return digest.hexdigest()
+
+    def rejections(self, transfer: Transfer) -> list[dict]:
+        """The reasons a full read rejects an older transfer (none: SUPERSEDED), read once."""
+        key = self._verdict_key(transfer)
+        problems = self.known_verdicts.get(key)
+        if not isinstance(problems, list):
+            judged = Transfer(site=transfer.site, name=transfer.name, path=transfer.path)
+            load(judged, self)
+            problems = [p for p in judged.problems if p["SEVERITY"] == "ERROR"]
+        self.seen_verdicts[key] = problems
+        return problems
+
     def save(self) -> None:
-        """Keeps the files seen by this run (a removed transfer drops out); atomic replace."""
+        """Keeps what this run saw (a removed transfer drops out); atomic replace."""
         if self.path is None:
             return
         temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(self.seen, sort_keys=True), encoding="utf-8")
+        temporary.write_text(json.dumps({"files": self.seen_files, "verdicts": self.seen_verdicts}, sort_keys=True),
+                             encoding="utf-8")
         os.replace(temporary, self.path)
 
 
-def verify_checksums(transfer: Transfer, checksums: KnownChecksums | None = None) -> bool:
+def verify_checksums(transfer: Transfer, known: KnownTransfers | None = None) -> bool:
     """Manifest and sha256 only: enough to call an older transfer complete (SUPERSEDED)."""
     if not read_manifest(transfer):
         return False
-    checksums = checksums or KnownChecksums()
+    known = known or KnownTransfers()
     for name, entry in transfer.manifest_files.items():
         try:
-            actual = checksums.sha256(transfer.path / name)
+            actual = known.sha256(transfer.path / name)
         except OSError as error:
             transfer.problem("TRF-UNREADABLE", file=name, detail=error.strerror)
             continue
@@ -281,16 +326,16 @@ def verify_checksums(transfer: Transfer, checksums: KnownChecksums | None = None
     return not transfer.problems
 
 
-def load(transfer: Transfer, checksums: KnownChecksums | None = None) -> bool:
+def load(transfer: Transfer, known: KnownTransfers | None = None) -> bool:
     """Full verification and read of a transfer that is to become CURRENT."""
     if not read_manifest(transfer):
         return False
-    checksums = checksums or KnownChecksums()
+    known = known or KnownTransfers()
     spec = {metadata.raw_schema(n)["file"]: n for n in metadata.RAW_FILES}
     for name, entry in transfer.manifest_files.items():
         try:
             data = (transfer.path / name).read_bytes()
-            actual = checksums.sha256(transfer.path / name, data)
+            actual = known.sha256(transfer.path / name, data)
         except OSError as error:
             transfer.problem("TRF-UNREADABLE", file=name, detail=error.strerror)
             continue
@@ -312,6 +357,17 @@ def load(transfer: Transfer, checksums: KnownChecksums | None = None) -> bool:
     return not any(p["SEVERITY"] == "ERROR" for p in transfer.problems)
 
 
+NEWLINE = b"\n"
+
+
+def _is_gb18030(data: bytes) -> bool:
+    try:
+        data.decode("gb18030")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def decode(transfer: Transfer, name: str, data: bytes) -> bytes | None:
     """UTF-8 bytes (BOM removed) of a file in the transfer's declared encoding, or None."""
     encoding = transfer.encoding
@@ -323,8 +379,11 @@ def decode(transfer: Transfer, name: str, data: bytes) -> bytes | None:
         text = data.decode(encoding)
         return text.lstrip("\ufeff").encode("utf-8")
     except UnicodeDecodeError as error:
-        transfer.problem("TRF-DECODE", file=name, expected=encoding,
-                         detail=f"byte {error.start} ({data[error.start:error.start + 4]!r}) {error.reason}")
+        offset = error.start + (len(data) - len(body) if encoding == "utf-8" else 0)
+        hint = " (it looks like gb18030: the manifest must say so)" if encoding == "utf-8" and _is_gb18030(data) else ""
+        line = data[:offset].count(NEWLINE) + 1
+        transfer.problem("TRF-DECODE", file=name, expected=encoding, detail=(
+            f"line {line}, byte {offset} ({data[offset:offset + 4]!r}) {error.reason}{hint}"))
         return None
 
 
@@ -399,9 +458,7 @@ def stack_transfers(parts: list[pd.DataFrame]) -> pd.DataFrame:
 def _shown(text: str) -> str:
     """Header text for a one-line message: control characters (line breaks, NUL) escaped, and a
     blank name said, not printed as nothing."""
-    if not text.strip():
-        return "(empty name)"
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return findings.printable(text) if text.strip() else "(empty name)"
 
 
 _READ = pacsv.ReadOptions(autogenerate_column_names=True, block_size=1 << 24)
@@ -462,8 +519,9 @@ def _parse_python(body: bytes) -> tuple[list[str] | None, list[pa.Array], list[t
     return header, columns, ragged
 
 
-def select_current(transfers: list[Transfer], checksums: KnownChecksums | None = None) -> list[Transfer]:
+def select_current(transfers: list[Transfer], known: KnownTransfers | None = None) -> list[Transfer]:
     """Status of every transfer; per site the newest complete one is fully read and CURRENT."""
+    known = known or KnownTransfers()
     by_site: dict[str, list[Transfer]] = {}
     for transfer in transfers:
         by_site.setdefault(transfer.site, []).append(transfer)
@@ -471,14 +529,17 @@ def select_current(transfers: list[Transfer], checksums: KnownChecksums | None =
         current_found = False
         for transfer in sorted(site_transfers, key=lambda t: t.name, reverse=True):
             if not current_found:
-                if load(transfer, checksums):
+                if load(transfer, known):
                     transfer.status = "CURRENT"
                     current_found = True
                 else:
                     transfer.status = "REJECTED"
                     transfer.files.clear()
-            else:
-                transfer.status = "SUPERSEDED" if verify_checksums(transfer, checksums) else "REJECTED"
+            elif not verify_checksums(transfer, known):
+                transfer.status = "REJECTED"
+            else:   # rows and columns too, as for a newest transfer: a rejection stays one
+                transfer.problems += known.rejections(transfer)
+                transfer.status = "REJECTED" if transfer.reason else "SUPERSEDED"
     return transfers
 
 
@@ -503,4 +564,5 @@ def read_randomization(root: Path) -> tuple[pd.DataFrame, list[dict]]:
     raw = read_csv_file(source, path.name, data, metadata.raw_schema("randomization"))
     if raw is None:
         raise RandomizationFileError("; ".join(p["MESSAGE"] for p in source.problems))
+    raw.data.attrs["sha256"] = raw.sha256   # it decides ARM, EXTRT and EXDOSE: run.json records it
     return raw.data, raw.findings

@@ -2,6 +2,7 @@
 `unblinded/` and nothing in them separates the expansion arms; the unblinded outputs carry the
 real arms and doses; an output folder or Dagster instance serves one zone only."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -168,8 +169,13 @@ def test_unblinded_run_has_real_arms_and_doses(zones):
         {"EXOSOME": "HUC-MSC-EXO", "PLACEBO": "PLACEBO"})).all()
     assert (expansion_doses["EXDOSE"] == expansion_doses["DOSE"]).all()
     assert json.loads((output / "run.json").read_text())["zone"] == "unblinded"
-    rows = json.loads((output / "run.json").read_text())["rows"]["randomization.csv"]
+    summary = json.loads((output / "run.json").read_text())
+    rows = summary["rows"]["randomization.csv"]
     assert rows == {"read": len(expansion), "mapped": len(expansion), "held_back": 0, "not_mapped": 0}
+    # The list that decides ARM, EXTRT and EXDOSE is identified like every site file.
+    iwrs = zones["root"] / "exports" / "unblinded" / "randomization.csv"
+    assert summary["randomization"] == {"file": "unblinded/randomization.csv",
+                                        "sha256": hashlib.sha256(iwrs.read_bytes()).hexdigest()}
 
 
 def test_blinded_instance_holds_nothing_unblinded(zones):

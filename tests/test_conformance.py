@@ -66,14 +66,39 @@ def snapshot(output: Path) -> dict[str, bytes]:
     return files
 
 
+def _latest_materialization_runs(home: Path) -> dict[str, str]:
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        return {d: instance.get_latest_materialization_event(dg.AssetKey(["sdtm", d])).run_id
+                for d in ("dm", "lb", "qs")}
+
+
+def _reports_only(exports: Path, output: Path, home: Path):
+    """What "Materialize" on the reports group in the UI runs: reports/* alone."""
+    import dagster as dg
+
+    from pipeline.definitions import JOB_NAME, build_definitions
+
+    defs = build_definitions(exports, output, "blinded")
+    keys = [k for k in defs.resolve_asset_graph().get_all_asset_keys() if k.path[0] == "reports"]
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        return defs.resolve_job_def(JOB_NAME).execute_in_process(
+            instance=instance, asset_selection=keys, raise_on_error=False, run_config=quiet)
+
+
 def test_broken_mapping_fails_the_run_and_keeps_previous_outputs(tmp_path, capsys):
     from pipeline.synthetic_trial import generate_trial
 
     generate_trial(tmp_path / "exports", subjects=5, transfers=1)
-    output = tmp_path / "output"
-    assert run_cli("run", "--exports", str(tmp_path / "exports"), "--output", str(output), home=tmp_path / "home") == 0
+    output, home = tmp_path / "output", tmp_path / "home"
+    assert run_cli("run", "--exports", str(tmp_path / "exports"), "--output", str(output), home=home) == 0
     before = snapshot(output)
     assert "sdtm/lb.parquet" in before
+    materialized = _latest_materialization_runs(home)
+    stored = {p: p.stat().st_mtime_ns for p in (output / ".mesae" / "assets" / "sdtm").glob("*.arrow")}
+    assert len(stored) == 7
 
     broken = tmp_path / "metadata"
     shutil.copytree(PROJECT_ROOT / "schemas", broken / "schemas")
@@ -83,11 +108,21 @@ def test_broken_mapping_fails_the_run_and_keeps_previous_outputs(tmp_path, capsy
         "LBTESTCD: {algorithm: lab_test_code, source: LBTEST}", "LBTESTCD: {algorithm: assign, source: LBTEST}"))
     os.environ["MESAE_METADATA_ROOT"] = str(broken)
     try:
-        code = run_cli("run", "--exports", str(tmp_path / "exports"), "--output", str(output), home=tmp_path / "home")
+        code = run_cli("run", "--exports", str(tmp_path / "exports"), "--output", str(output), home=home)
+        err = capsys.readouterr().err
+        # The rejected datasets were neither stored nor materialized: the catalog still describes
+        # the published ones, and a later run of reports/* alone has nothing rejected to publish.
+        assert {p: p.stat().st_mtime_ns for p in stored} == stored
+        assert _latest_materialization_runs(home) == materialized
+        reports_only = _reports_only(tmp_path / "exports", output, home)
     finally:
         del os.environ["MESAE_METADATA_ROOT"]
-    err = capsys.readouterr().err
     assert code == 1
     assert "sdtm_conformance failed on sdtm/lb" in err and "SDTM-CODELIST" in err
     assert "pipeline bug" in err and "Traceback" not in err
+    assert snapshot(output) == before
+    # It is refused: the stored SDTM datasets were built by other code than the findings of the blocked run.
+    assert not reports_only.success
+    failure = reports_only.get_step_failure_events()[0].event_specific_data.error
+    assert "would mix code versions" in str(failure.cause or failure)
     assert snapshot(output) == before

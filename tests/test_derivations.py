@@ -10,7 +10,8 @@ from pipeline.derivations import lab_unit_conversions as labs
 from pipeline.derivations.baseline import last_observation_before_exposure
 from pipeline.derivations.distinct_values import combined_rank, distinct_rows, in_set
 from pipeline.derivations.dose_labels import dose_particles
-from pipeline.derivations.iso_dates import compare_partial, iso_datetime, is_site_time, site_date_to_iso
+from pipeline.derivations.iso_dates import (compare_partial, iso_datetime, is_site_time, partial_date_bounds,
+                                            site_date_to_iso)
 from pipeline.derivations.sequence import sequence_number, sort_by_keys
 from pipeline.derivations.study_day import study_day
 from pipeline.derivations.visits import epoch, unscheduled_visit_numbers, visit_name, visit_number
@@ -289,17 +290,46 @@ def test_unscheduled_visit_numbers_follow_previous_visit_by_date():
     assert values(visit_name(pd.Series(["UNSCHEDULED"]), partial)) == ["UNSCHEDULED"]   # kept, not lost
 
 
+@pytest.mark.parametrize("iso, earliest, latest", [
+    ("2026-07", "2026-07-01", "2026-07-31"),
+    ("2024-02", "2024-02-01", "2024-02-29"),          # leap year
+    ("2026-02", "2026-02-01", "2026-02-28"),
+    ("2025", "2025-01-01", "2025-12-31"),
+    ("2026---15", "2026-01-01", "2026-12-31"),        # day known, month not: the year
+    ("2026-03-07", "2026-03-07", "2026-03-07"),
+    ("2026-03-07T09:00", "2026-03-07", "2026-03-07"),
+    ("2026-13", None, None),
+    (None, None, None),
+])
+def test_partial_date_bounds(iso, earliest, latest):
+    first, last = partial_date_bounds(pd.Series([iso], dtype="str"))
+    assert (values(first), values(last)) == ([earliest], [latest])
+
+
 @pytest.mark.parametrize("dtc, first, last, complete, expected", [
     ("2026-02-25", "2026-03-07", "2026-04-04", "Y", "SCREENING"),
     ("2026-03-07T08:00", "2026-03-07T09:00", "2026-04-04", "Y", "SCREENING"),   # pre-dose on day 1
     ("2026-03-07", "2026-03-07T09:00", "2026-04-04", "Y", "TREATMENT"),         # date only: the dosing day
+    ("2026-03-07T09:00", "2026-03-07T09:00", "2026-04-04", "Y", "TREATMENT"),   # an event at the dose's minute
     ("2026-04-04", "2026-03-07", "2026-04-04", "Y", "TREATMENT"),
     ("2026-04-10", "2026-03-07", "2026-04-04", "Y", "FOLLOW-UP"),
     ("2026-03-20", "2026-03-07", "2026-03-13", None, "TREATMENT"),               # dosing not finished yet
     ("2026-03-20", None, None, None, "SCREENING"),                                # never treated
-    ("2026-03", "2026-03-07", "2026-04-04", "Y", None),                           # partial date
+    ("2026-03", "2026-03-07", "2026-04-04", "Y", None),                           # partial, spans two epochs
+    ("2026-04", "2026-03-07", "2026-04-04", "Y", None),                           # last-dose month
+    ("2026-02", "2026-03-07", "2026-04-04", "Y", "SCREENING"),                    # partial, all before dosing
+    ("2025", "2026-03-07T09:00", "2026-04-04", "Y", "SCREENING"),
+    ("2026-05", "2026-03-07", "2026-04-04", "Y", "FOLLOW-UP"),                    # all after the last dose
+    ("2026-05", "2026-03-07", "2026-04-04", None, "TREATMENT"),                   # dosing not finished yet
+    ("2026-03", "2026-02-20", "2026-04-04", "Y", "TREATMENT"),                    # inside the treatment
+    ("2026-02", "2026-02-01", "2026-04-04", "Y", "TREATMENT"),                    # events: day 1 is TREATMENT
+    ("2026-02", "2026-02-02", "2026-04-04", "Y", None),                           # the first-dose day is in it
+    ("2026", "2026-03-07", "2026-04-04", "Y", None),
+    ("2026-03", None, None, None, "SCREENING"),                                   # never treated
+    ("2026-13", "2026-03-07", "2026-04-04", "Y", None),                           # not a month: no bounds
 ])
 def test_epoch(dtc, first, last, complete, expected):
+    """A partial date gets an epoch only when every day it may be has the same one (SDTMIG)."""
     result = epoch(pd.Series([dtc], dtype="str"), pd.Series([first], dtype="str"), pd.Series([last], dtype="str"),
                    pd.Series([complete == "Y"]))
     assert values(result) == [expected]
@@ -309,12 +339,15 @@ def test_epoch(dtc, first, last, complete, expected):
     ("2026-03-07", "2026-03-07T09:00", "SCREENING"),       # a Day 1 score without a time: pre-dose
     ("2026-03-07T08:00", "2026-03-07", "SCREENING"),       # the dose without a time
     ("2026-03-07T10:00", "2026-03-07T09:00", "TREATMENT"),  # both times: compared
+    ("2026-03-07T09:00", "2026-03-07T09:00", "SCREENING"),  # at the dose's minute: pre-dose, as baseline
     ("2026-03-08", "2026-03-07T09:00", "TREATMENT"),
     ("2026-03-06", "2026-03-07", "SCREENING"),
+    ("2026-03", "2026-03-31", "SCREENING"),                 # every day of it is on or before the first dose
+    ("2026-03", "2026-03-30", None),
 ])
 def test_epoch_of_findings_on_the_first_dose_day(dtc, first, expected):
     """Findings follow the baseline flag's rule: on the first-dose day, a record without a time
     (or a dose without one) is pre-dose."""
     result = epoch(pd.Series([dtc], dtype="str"), pd.Series([first], dtype="str"),
-                   pd.Series(["2026-04-04"], dtype="str"), pd.Series([True]), first_day_without_time_is_pre_dose=True)
+                   pd.Series(["2026-04-04"], dtype="str"), pd.Series([True]), pre_dose_on_first_dose_day=True)
     assert values(result) == [expected]

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from pipeline.definitions import build_definitions
+from pipeline.metadata import RAW_FILES, package_code_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_LINEAGE_ALGORITHMS = {"hardcode", "sequence"}
@@ -187,17 +188,37 @@ def test_mapping_and_input_transfers_are_recorded(run, materializations, dataset
     metadata = materialization.metadata
     mapping, _ = mapping_of(dataset)
     assert metadata["mapping_file"].value == f"mappings/{mapping['dataset']}.yaml"
-    assert metadata["mapping_version"].value == materialization.tags["dagster/code_version"]
+    assert materialization.tags["dagster/code_version"] == \
+        f"{metadata['mapping_version'].value}+{package_code_digest()[:8]}"
 
-    # One row per site's CURRENT transfer, with the sha256 of the raw file on disk.
+    # One row per site's CURRENT transfer and raw file the mapping reads, with its sha256 on disk.
     current = pq.read_table(run.output / "transfers.parquet").to_pandas()
     current = current[current["STATUS"] == "CURRENT"]
-    source = f"{mapping['source']}.csv"
     rows = markdown_rows(metadata["input_transfers"].value)
-    assert sorted((r["site"], r["transfer"]) for r in rows) == sorted(zip(current["SITEID"], current["TRANSFER"]))
+    files = {r["file"] for r in rows}
+    assert f"{mapping['source']}.csv" in files and files <= {f"{f}.csv" for f in RAW_FILES}
+    if dataset == "dm":   # reference dates from ex, death from ae, last participation from lb and mrs
+        assert files == {f"{f}.csv" for f in RAW_FILES}
+    assert sorted((r["site"], r["transfer"], r["file"]) for r in rows) == sorted(
+        (s, t, f) for s, t in zip(current["SITEID"], current["TRANSFER"]) for f in files)
     for row in rows:
-        assert row["file"] == source
-        assert row["sha256"] == sha256_of(run.exports / f"site-{row['site']}" / row["transfer"] / source)
+        assert row["sha256"] == sha256_of(run.exports / f"site-{row['site']}" / row["transfer"] / row["file"])
+
+
+def test_raw_assets_record_the_exports_version_they_read(run, instance):
+    """The job observes the exports before ingesting them, so each raw materialization names the
+    exports' data version it read: an observation of unchanged exports (the UI's "Observe sources")
+    then finds nothing stale. Written independently of the pipeline: the hash of every transfer
+    folder name and manifest, in site and folder order."""
+    digest = hashlib.sha256()
+    for manifest in sorted(run.exports.glob("site-*/*/manifest.json")):
+        digest.update(f"{manifest.parent.parent.name.removeprefix('site-')}/{manifest.parent.name}".encode())
+        digest.update(manifest.read_bytes())
+    observed = instance.get_latest_data_version_record(dg.AssetKey(["exports", "site_transfers"]))
+    assert observed is not None and observed.asset_observation.tags["dagster/data_version"] == digest.hexdigest()
+    for name in RAW_FILES:
+        tags = instance.get_latest_materialization_event(dg.AssetKey(["raw", name])).asset_materialization.tags
+        assert tags["dagster/input_data_version/exports/site_transfers"] == digest.hexdigest(), name
 
 
 def code_versions(defs: dg.Definitions) -> dict[str, str]:
@@ -237,6 +258,21 @@ def test_code_version_follows_its_own_mapping_only(tmp_path, monkeypatch):
          'AETERM:   {algorithm: assign, source: AETERM, note: "verbatim, as reported"}')
     after_ae = code_versions(build_definitions(tmp_path / "e", tmp_path / "o"))
     assert {d for d in DATASETS if after_ae[d] != after_lb[d]} == {"ae", "suppae"}
+
+
+def test_code_version_follows_the_package_code(tmp_path):
+    """A derivation change (here the study day) must change every SDTM asset's code version, not
+    only run.json's: the asset's version ends with the digest of the package code."""
+    copies = [tmp_path / "same", tmp_path / "edited"]
+    for copy in copies:
+        shutil.copytree(ROOT / "pipeline", copy / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    study_day = copies[1] / "pipeline" / "derivations" / "study_day.py"
+    study_day.write_text(study_day.read_text(encoding="utf-8") + "\n# one more line\n", encoding="utf-8")
+    unchanged = package_code_digest(copies[0])
+    assert package_code_digest(copies[1]) != unchanged
+    assert unchanged == package_code_digest()
+    versions = code_versions(build_definitions(tmp_path / "e", tmp_path / "o"))
+    assert all(v.endswith(f"+{unchanged[:8]}") for v in versions.values()), versions
 
 
 # --- row-level lineage --------------------------------------------------------------------
@@ -316,3 +352,28 @@ def test_trace_of_an_unknown_record_is_a_one_line_error(run, capsys):
     code = main(["trace", "MESAE-99-999", "LB", "1", "--output", str(run.output), "--exports", str(run.exports)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "MESAE-99-999" in err
+
+
+def test_trace_of_a_row_gone_from_a_changed_file_is_a_one_line_error(run, tmp_path, capsys):
+    """The raw file was cut short after the run: the record's row is not there any more."""
+    from pipeline.cli import main
+
+    lineage = pq.read_table(run.output / "lineage" / "lb.parquet").to_pandas()
+    last = lineage.sort_values("ROW").iloc[-1]
+    exports = tmp_path / "exports"
+    shutil.copytree(run.exports, exports)
+    path = exports / f"site-{last.SITEID}" / last.TRANSFER / last.FILE
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:2]))
+    code = main(["trace", last.USUBJID, "LB", str(int(last.SEQ)), "--output", str(run.output), "--exports", str(exports)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{path} has no readable data row {int(last.ROW)} any more" in err and last.SHA256 in err
+
+
+def test_demo_into_a_file_is_a_one_line_error(tmp_path, capsys):
+    from pipeline.cli import main
+
+    (tmp_path / "taken").write_text("a file, not a folder")
+    code = main(["demo", "--dir", str(tmp_path / "taken")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "cannot write the demo trial" in err, err

@@ -92,6 +92,18 @@ def test_new_complete_transfer_requests_a_run_and_advances_the_cursor(defs, expo
     assert replay.run_requests[0].run_key == second.run_requests[0].run_key
 
 
+@pytest.mark.parametrize("cursor", ["{not json", '["01"]', '{"01": 20261116}'])
+def test_an_unreadable_cursor_starts_again_from_an_empty_one(defs, exports, instance, cursor):
+    """A cursor edited by hand must not make every tick fail: the sensor starts from nothing, with
+    the same run_key as a fresh start (Dagster does not launch a run_key twice)."""
+    write_transfer(exports, "01", T1, one_subject_trial("01"))
+    fresh = tick(defs, instance, None)
+    recovered = tick(defs, instance, cursor)
+    assert len(recovered.run_requests) == 1
+    assert recovered.run_requests[0].run_key == fresh.run_requests[0].run_key
+    assert json.loads(recovered.cursor) == {"01": T1}
+
+
 def test_transfer_with_a_file_still_missing_waits_until_complete(defs, exports, instance):
     """A file listed in the manifest but not yet copied: skip, keep the cursor, pick it up later."""
     write_transfer(exports, "01", T1, one_subject_trial("01"))
@@ -101,7 +113,9 @@ def test_transfer_with_a_file_still_missing_waits_until_complete(defs, exports, 
     shutil.move(folder / "lb.csv", parked)
 
     waiting = tick(defs, instance, cursor)
-    assert waiting.run_requests == [] and waiting.skip_message == "no new complete transfer"
+    assert waiting.run_requests == [] and waiting.skip_message.startswith("no new complete transfer; waiting for ")
+    # The operator is told which transfer waits and why.
+    assert f"site-01/{T2}" in waiting.skip_message and "lb.csv" in waiting.skip_message
     assert waiting.cursor == cursor and json.loads(waiting.cursor) == {"01": T1}
 
     shutil.move(parked, folder / "lb.csv")  # the copy finishes
@@ -118,6 +132,7 @@ def test_transfer_with_a_partly_copied_file_waits_until_its_sha256_matches(defs,
 
     waiting = tick(defs, instance, None)
     assert waiting.run_requests == [] and waiting.cursor is None
+    assert f"site-03/{T1}" in waiting.skip_message and "ae.csv" in waiting.skip_message and "sha256" in waiting.skip_message
 
     (folder / "ae.csv").write_bytes(full)
     done = tick(defs, instance, waiting.cursor)
@@ -370,3 +385,30 @@ def test_an_output_folder_that_cannot_be_created_is_refused_before_the_run(tmp_p
     output = tmp_path / "a-file" / "output"
     err = refused(capsys, "--exports", tmp_path / "exports", "--output", output)
     assert err.strip() == f"mesae: output folder {output} cannot be created: Not a directory"
+
+
+@pytest.mark.parametrize("spoil", ["a file", "storage a file"])
+def test_an_unusable_dagster_home_is_refused_in_one_line(tmp_path, capsys, monkeypatch, spoil):
+    """Contract section 1: an unusable invocation exits 2 with one line, no traceback, before
+    anything is run: a DAGSTER_HOME that is a file, or whose SQLite storage cannot be created."""
+    write_transfer(tmp_path / "exports", "01", T1, one_subject_trial("01"))
+    home = tmp_path / "home"
+    if spoil == "a file":
+        home.write_text("not a folder")
+    else:
+        home.mkdir()
+        for name in ("history", "storage", "schedules"):
+            (home / name).write_text("in the way")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    err = refused(capsys, "--exports", tmp_path / "exports", "--output", tmp_path / "out")
+    assert f"the Dagster instance folder {home} cannot be used" in err and "set DAGSTER_HOME" in err
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_a_file_where_the_state_folder_belongs_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    write_transfer(tmp_path / "exports", "01", T1, one_subject_trial("01"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".mesae").write_text("in the way")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    err = refused(capsys, "--exports", tmp_path / "exports", "--output", tmp_path / "out")
+    assert f"{tmp_path / 'out' / '.mesae'} exists and is not mesae's state folder" in err

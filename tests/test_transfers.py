@@ -1,5 +1,6 @@
 """Raw ingest against the transfer spec's wording (site-export-spec.md sections 3 and 4)."""
 
+import codecs
 import csv
 import hashlib
 import json
@@ -289,9 +290,9 @@ def test_older_transfers_are_hashed_again_only_when_their_files_changed(tmp_path
     write_transfer(exports, "01", NEW, one_subject_trial())
 
     def run():
-        checksums = transfers.KnownChecksums(tmp_path / "checksums.json")
-        found = transfers.select_current(transfers.list_transfers(exports), checksums)
-        checksums.save()
+        known = transfers.KnownTransfers(tmp_path / "known_transfers.json")
+        found = transfers.select_current(transfers.list_transfers(exports), known)
+        known.save()
         return {(t.site, t.name): (t.status, t.reason) for t in found}
 
     first = run()
@@ -306,6 +307,29 @@ def test_older_transfers_are_hashed_again_only_when_their_files_changed(tmp_path
     os.utime(older, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     status, reason = run()[("01", OLD)]
     assert status == "REJECTED" and "ae.csv: sha256" in reason and "does not match the manifest" in reason
+
+
+def test_a_rejected_transfer_stays_rejected_when_a_newer_one_arrives(tmp_path):
+    """Spec section 3: a wrong row count rejects a transfer whole. An older transfer is read in
+    full once (its verdict kept while its manifest, folder and the code stay the same), so last
+    night's rejection and its reason do not turn into SUPERSEDED when tonight's transfer arrives."""
+    exports = tmp_path / "exports"
+    bad = write_transfer(exports, "01", OLD, one_subject_trial())
+    rewrite_manifest(bad, lambda m: m["files"]["lb.csv"].update(rows=m["files"]["lb.csv"]["rows"] + 5))
+
+    def run():
+        known = transfers.KnownTransfers(tmp_path / "known_transfers.json")
+        found = transfers.select_current(transfers.list_transfers(exports), known)
+        known.save()
+        return {(t.site, t.name): (t.status, t.reason) for t in found}
+
+    alone = run()[("01", OLD)]
+    assert alone[0] == "REJECTED" and "lb.csv:" in alone[1] and "the manifest says" in alone[1]
+    write_transfer(exports, "01", NEW, one_subject_trial())
+    assert run() == {("01", OLD): alone, ("01", NEW): ("CURRENT", None)}
+    with opened_files() as opened:                                           # the verdict is remembered
+        assert run()[("01", OLD)] == alone
+    assert not [f for f in opened if OLD in f and f.endswith(".csv")]
 
 
 @pytest.mark.parametrize("exported_at, cutoff", [
@@ -328,6 +352,25 @@ def test_exported_at_is_an_iso_8601_time_and_gives_the_utc_cutoff(tmp_path, expo
         assert status == "REJECTED" and "is not an ISO 8601 date and time" in reason
     else:
         assert status == "CURRENT" and current(tmp_path).data_cutoff == cutoff
+
+
+@pytest.mark.parametrize("exported_at, accepted", [
+    ("2026-11-23T22:40:00Z", True),                       # an export may take a while
+    ("2026-11-23T21:00:05Z", True),
+    ("2062-11-23T22:00:05Z", False),                      # a mistyped year
+    ("2026-11-24T06:00:05", False),                       # Beijing time without its offset: 8 hours off
+])
+def test_exported_at_must_agree_with_the_folder_name(tmp_path, exported_at, accepted):
+    """Both are the UTC time of the export (spec section 3). A folder named 20621123T220005 would
+    otherwise stay CURRENT for decades over every later transfer of the site."""
+    write_transfer(tmp_path, "01", OLD, one_subject_trial())
+    folder = write_transfer(tmp_path, "01", NEW, one_subject_trial())
+    rewrite_manifest(folder, lambda m: m.update(exported_at=exported_at))
+    status, reason = statuses(tmp_path)[("01", NEW)]
+    assert status == ("CURRENT" if accepted else "REJECTED"), reason
+    if not accepted:
+        assert f"exported_at \"{exported_at}\" is not the export time of the folder name {NEW}" in reason
+        assert "2026-11-23T22:00:05Z UTC" in reason and statuses(tmp_path)[("01", OLD)][0] == "CURRENT"
 
 
 @pytest.mark.parametrize("site, accepted", [("01", True), (1, True), ("1", False), (2, False), (True, False)])
@@ -401,3 +444,16 @@ def test_a_misnamed_site_folder_is_a_rejected_row_of_transfers_parquet(tmp_path)
     quarantine = pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pandas()
     assert "TRF-SITE-FOLDER" in set(quarantine["RULE"])
     assert list(inventory.loc[inventory["STATUS"] == "CURRENT", "SITEID"]) == ["01"]
+
+
+@pytest.mark.parametrize("encoding, data, words", [
+    ("utf-8", "SUBJID,AETERM\n01-001,发热\n".encode("gb18030"),
+     "line 2, byte 21 (b'\\xb7\\xa2\\xc8\\xc8') invalid start byte (it looks like gb18030: the manifest must say so)"),
+    ("utf-8", codecs.BOM_UTF8 + b"SUBJID\n\n01-001\xff\n",
+     "line 3, byte 17 (b'\\xff\\n') invalid start byte"),   # the BOM counts: byte offsets are the file's
+    ("gb18030", b"SUBJID\n\x81\x30\xff\xff\n", "line 2, byte 7"),
+])
+def test_an_undecodable_file_names_the_line_and_the_likely_encoding(encoding, data, words):
+    transfer = transfers.Transfer(site="01", name=NEW, path=Path("."), encoding=encoding)
+    assert transfers.decode(transfer, "ae.csv", data) is None
+    assert words in transfer.problems[0]["MESSAGE"], transfer.problems[0]["MESSAGE"]

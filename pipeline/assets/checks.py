@@ -3,8 +3,10 @@
 They are evaluated inside the step that produces the asset (`check_specs`), on the frame already
 in memory, so a check costs no extra step and no extra read:
 - `raw_contract` on each validated/<file> (WARN): records held back are in the quarantine;
-- `sdtm_conformance` on each SDTM dataset: BLOCKING. A failure is a pipeline bug; publication
-  does not run, the run fails, and the previous outputs stay as they were;
+- `sdtm_conformance` on each SDTM dataset: BLOCKING. A failure is a pipeline bug: the step fails
+  before it stores or materializes any dataset (`refuse_nonconformant`), so publication does not
+  run, the previous outputs stay as they were, and no later run of `reports/*` alone can publish
+  the rejected data;
 - `eligibility` on the eligibility-deviation listing (WARN).
 """
 
@@ -51,6 +53,16 @@ def conformance_result(key: dg.AssetKey, dataset: str, frame: pd.DataFrame,
     return dg.AssetCheckResult(asset_key=key, check_name=CONFORMANCE, passed=failures.empty, description=description,
                                metadata={"failures": int(len(failures)), "failures_by_rule": dg.MetadataValue.json(by_rule),
                                          "failing_rows": markdown_table(failures, 20)})
+
+
+def refuse_nonconformant(results: list[dg.AssetCheckResult]) -> None:
+    """Fails the step with every failed conformance result, before anything is stored."""
+    failed = [r for r in results if not r.passed]
+    if failed:
+        raise dg.Failure(
+            description="; ".join(f"{CONFORMANCE} failed on {r.asset_key.to_user_string()}: {r.description}"
+                                  for r in failed),
+            metadata={f"{r.asset_key.to_user_string()} failing_rows": r.metadata["failing_rows"] for r in failed})
 
 
 def eligibility_spec(key: dg.AssetKey) -> dg.AssetCheckSpec:

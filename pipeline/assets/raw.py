@@ -85,10 +85,10 @@ def _raw_specs() -> list[dg.AssetSpec]:
 
 @dg.multi_asset(specs=_raw_specs(), name="raw_ingest", can_subset=False)
 def raw_ingest(settings: StudySettings, store: AssetStore):
-    checksums = transfers.KnownChecksums(settings.output.state / "checksums.json")
-    all_transfers = [*transfers.select_current(transfers.list_transfers(settings.exports), checksums),
+    known = transfers.KnownTransfers(settings.output.state / "known_transfers.json")
+    all_transfers = [*transfers.select_current(transfers.list_transfers(settings.exports), known),
                      *transfers.misnamed_site_folders(settings.exports)]
-    checksums.save()
+    known.save()
     current = [t for t in all_transfers if t.status == "CURRENT"]
     inventory = inventory_frame(all_transfers)
     ingest_findings = findings.combine([
@@ -141,6 +141,8 @@ def build_randomization_asset() -> dg.AssetsDefinition:
         frame, problems = transfers.read_randomization(settings.exports)
         frame.attrs["ingest_findings"] = problems
         store.save(RANDOMIZATION_KEY, frame)
-        return dg.MaterializeResult(metadata={"dagster/row_count": len(frame), "ingest_findings": len(problems)})
+        return dg.MaterializeResult(metadata={"dagster/row_count": len(frame), "ingest_findings": len(problems),
+                                              "file": "/".join(transfers.RANDOMIZATION_PATH),
+                                              "sha256": frame.attrs["sha256"]})
 
     return randomization

@@ -18,7 +18,7 @@ from pipeline.assets.raw import INGEST_FINDINGS_KEY, INVENTORY_KEY, RANDOMIZATIO
 from pipeline.assets.sdtm import sdtm_datasets, sdtm_key
 from pipeline.mapping_engine import column_lineage, qualifier_lineage
 from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RANDOMIZATION_KEY
-from pipeline.publication import publish_outputs
+from pipeline.publication import check_one_code_version, publish_outputs
 from pipeline.resources import AssetStore, StudySettings
 from pipeline.sdtm_datasets import dataset_schema
 from pipeline.validation import protocol_ranges
@@ -39,7 +39,7 @@ def traceability_matrix(zone: str) -> pd.DataFrame:
         labels = {v["name"]: v["label"] for v in dataset_schema(mapping["dataset"])["variables"]}
         for variable, spec in mapping["variables"].items():
             sources = [f"{file}.csv {column}" if file not in ("sdtm/dm",) else f"DM.{column}"
-                       for file, column in lineage.get(variable, []) if not column.startswith("ctx_")]
+                       for file, column in lineage.get(variable, [])]
             rows.append({"DATASET": mapping["dataset"].upper(), "VARIABLE": variable, "LABEL": labels.get(variable),
                          "ALGORITHM": spec["algorithm"], "SOURCES": ", ".join(sources) or "(assigned)",
                          "NOTE": spec.get("note")})
@@ -78,9 +78,12 @@ def build_report_assets(zone: str) -> dg.AssetsDefinition:
 
     @dg.multi_asset(name="reports", specs=specs, check_specs=[eligibility_spec(ELIGIBILITY_KEY)], can_subset=False)
     def reports(context: AssetExecutionContext, settings: StudySettings, store: AssetStore):
-        sdtm = {d: store.load(sdtm_key(d)) for d in datasets}
+        loaded = {key: store.load(key) for key in [*sdtm_keys, VALIDATED_KEYS["enrol"], INGEST_FINDINGS_KEY,
+                                                   FINDINGS_KEY, INVENTORY_KEY, *randomization]}
+        check_one_code_version({key.to_user_string(): frame for key, frame in loaded.items()}, metadata.code_version())
+        sdtm = {d: loaded[sdtm_key(d)] for d in datasets}
         protocol_findings, listing = protocol_ranges.evaluate(protocol_ranges.prepare_frames(
-            sdtm["dm"], sdtm["lb"], sdtm["qs"], sdtm["ex"], store.load(VALIDATED_KEYS["enrol"])))
+            sdtm["dm"], sdtm["lb"], sdtm["qs"], sdtm["ex"], loaded[VALIDATED_KEYS["enrol"]]))
         store.save(PROTOCOL_FINDINGS_KEY, protocol_findings)
         yield dg.MaterializeResult(asset_key=PROTOCOL_FINDINGS_KEY, metadata={
             "dagster/row_count": len(protocol_findings), "dagster/column_schema": findings_table_schema(),
@@ -91,7 +94,7 @@ def build_report_assets(zone: str) -> dg.AssetsDefinition:
             "listing": markdown_table(listing, 50)})
         yield eligibility_result(ELIGIBILITY_KEY, listing)
 
-        quarantine = findings.combine([store.load(INGEST_FINDINGS_KEY), store.load(FINDINGS_KEY), protocol_findings])
+        quarantine = findings.combine([loaded[INGEST_FINDINGS_KEY], loaded[FINDINGS_KEY], protocol_findings])
         store.save(QUARANTINE_KEY, quarantine)
         yield dg.MaterializeResult(asset_key=QUARANTINE_KEY, metadata={
             "dagster/row_count": len(quarantine), "dagster/column_schema": findings_table_schema(),
@@ -102,10 +105,11 @@ def build_report_assets(zone: str) -> dg.AssetsDefinition:
         yield dg.MaterializeResult(asset_key=TRACEABILITY_KEY,
                                    metadata={"dagster/row_count": len(matrix), "matrix": markdown_table(matrix, 400)})
 
-        counts = (len(store.load(RANDOMIZATION_KEY)), len(store.load(VALIDATED_RANDOMIZATION_KEY))) if randomization else None
+        iwrs = ((len(loaded[RANDOMIZATION_KEY]), len(loaded[VALIDATED_RANDOMIZATION_KEY]),
+                 loaded[RANDOMIZATION_KEY].attrs["sha256"]) if randomization else None)
         summary, published = publish_outputs(
             folder=settings.output, run_id=context.run_id, sdtm=sdtm, quarantine=quarantine,
-            inventory=store.load(INVENTORY_KEY), eligibility=listing, traceability=matrix, randomization=counts,
+            inventory=loaded[INVENTORY_KEY], eligibility=listing, traceability=matrix, randomization=iwrs,
             finished_at=datetime.now(timezone.utc))
         store.save(PUBLICATION_KEY, published)
         yield dg.MaterializeResult(asset_key=PUBLICATION_KEY, metadata={

@@ -8,12 +8,13 @@ column lineage. A new domain is a new mapping file and SDTM schema; no code chan
 
 
 import json
+from typing import NamedTuple
 
 import dagster as dg
 import pandas as pd
 
 from pipeline import metadata
-from pipeline.assets.checks import conformance_result, conformance_spec
+from pipeline.assets.checks import conformance_result, conformance_spec, refuse_nonconformant
 from pipeline.assets.common import OWNERS, findings_counts, markdown_table
 from pipeline.assets.raw import INVENTORY_KEY, RANDOMIZATION_KEY, RAW_KEYS
 from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RANDOMIZATION_KEY
@@ -93,7 +94,8 @@ def mapping_inputs(mapping: dict, zone: str) -> dict[str, dg.AssetKey]:
 
 
 def mapping_code_version(mapping: dict) -> str:
-    """Hash of the mapping file, the SDTM schema(s) and the terminology it relies on."""
+    """Hash of the mapping file, the SDTM schema(s) and the terminology it relies on. The asset's
+    code version adds the package code, which holds the derivations (a study-day change must show)."""
     root = metadata.metadata_root()
     paths = [root / "mappings" / f"{mapping['dataset']}.yaml", root / "schemas" / "sdtm" / f"{mapping['dataset']}.yaml"]
     if "supplemental" in mapping:
@@ -121,8 +123,6 @@ def column_metadata(dataset: str, lineage: dict[str, list[tuple[str, str]]]) -> 
     for variable in schema["variables"]:
         sources = []
         for file, column in lineage.get(variable["name"], []):
-            if column.startswith("ctx_"):
-                continue
             sources.append(dg.TableColumnDep(asset_key=lineage_asset(file), column_name=column))
         if sources:
             deps[variable["name"]] = sources
@@ -147,16 +147,25 @@ def _transfers_table(inventory: pd.DataFrame, files: list[str]) -> pd.DataFrame:
 
 
 def _dataset_metadata(dataset: str, frame: pd.DataFrame, lineage: dict, version: str, source_file: str,
-                      not_mapped: dict, inventory: pd.DataFrame, file_findings: pd.DataFrame, published) -> dict:
+                      input_files: list[str], not_mapped: dict, inventory: pd.DataFrame, file_findings: pd.DataFrame,
+                      published) -> dict:
+    """`input_transfers` lists every raw file the mapping reads (DM reads six), with its sha256."""
     return {
         "dagster/row_count": len(frame), "dagster/uri": (published / f"{dataset}.parquet").as_uri(),
         **column_metadata(dataset, lineage),
         "mapping_file": f"mappings/{dataset.removeprefix('supp') if dataset.startswith('supp') else dataset}.yaml",
         "mapping_version": version,
-        "input_transfers": markdown_table(_transfers_table(inventory, [source_file]), 100),
+        "input_transfers": markdown_table(_transfers_table(inventory, input_files), 200),
         "not_mapped": json.dumps(not_mapped, sort_keys=True),
         **findings_counts(file_findings),
     }
+
+
+class BuiltDataset(NamedTuple):
+    name: str
+    frame: pd.DataFrame
+    check: dg.AssetCheckResult
+    metadata: dict
 
 
 def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
@@ -166,17 +175,20 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
     code version, dependencies, checks, metadata and lineage."""
     mappings = [metadata.mapping(d) for d in metadata.mapping_domains()]
     mappings.sort(key=lambda m: m["dataset"] != "dm")
-    loads, specs, checks, versions = {}, [], [], {}
+    loads, specs, checks, versions, input_files = {}, [], [], {}, {}
     for mapping in mappings:
         check_mapping(mapping)
         dataset, supplemental = mapping["dataset"], mapping.get("supplemental")
         versions[dataset] = mapping_code_version(mapping)
+        code_version = f"{versions[dataset]}+{metadata.package_code_digest()[:8]}"
         needed = mapping_inputs(mapping, zone)
+        input_files[dataset] = sorted(metadata.raw_schema(name.removeprefix("validated_"))["file"]
+                                      for name in needed if name.startswith("validated_"))
         loads.update({k: v for k, v in needed.items() if k != "sdtm_dm"})
         for name in [dataset] + ([supplemental["dataset"]] if supplemental else []):
             specs.append(dg.AssetSpec(
                 sdtm_key(name), deps=sorted(set(needed.values()), key=str), group_name="sdtm", owners=OWNERS,
-                kinds={"parquet", "pandas"}, code_version=versions[dataset],
+                kinds={"parquet", "pandas"}, code_version=code_version,
                 description=f"SDTM {dataset_schema(name)['label']} (mappings/{dataset}.yaml)"))
             checks.append(conformance_spec(sdtm_key(name)))
 
@@ -192,6 +204,7 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
             data_cutoff=dict(zip(current["SITEID"] + "/" + current["TRANSFER"], current["data_cutoff"])))
         published = settings.output.root.resolve() / "sdtm"
         subjects = None
+        built: list[BuiltDataset] = []
         for mapping in mappings:
             dataset, supplemental = mapping["dataset"], mapping.get("supplemental")
             mapped = map_domain(mapping, mapping_inputs_)
@@ -200,16 +213,20 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
                 subjects = mapped.frame["USUBJID"]
             source_file = metadata.raw_schema(mapping["source"])["file"]
             file_findings = inputs["findings"][inputs["findings"]["FILE"] == source_file]
-            version = versions[dataset]
             produced = [(dataset, mapped.frame, column_lineage(mapping, zone), mapped.not_mapped)]
             if supplemental:
                 produced.append((supplemental["dataset"], mapped.supplemental, _supp_lineage(mapping, zone), {}))
             for name, frame, lineage, not_mapped in produced:
                 frame.attrs = {"dataset": name, "source_file": source_file, "not_mapped": not_mapped}
-                store.save(sdtm_key(name), frame)
-                yield dg.MaterializeResult(asset_key=sdtm_key(name), metadata=_dataset_metadata(
-                    name, frame, lineage, version, source_file, not_mapped, inventory, file_findings, published))
-                yield conformance_result(sdtm_key(name), name, frame, None if name == "dm" else subjects)
+                built.append(BuiltDataset(name, frame, conformance_result(
+                    sdtm_key(name), name, frame, None if name == "dm" else subjects), _dataset_metadata(
+                    name, frame, lineage, versions[dataset], source_file, input_files[dataset], not_mapped, inventory,
+                    file_findings, published)))
+        refuse_nonconformant([b.check for b in built])
+        for dataset in built:
+            store.save(sdtm_key(dataset.name), dataset.frame)
+            yield dg.MaterializeResult(asset_key=sdtm_key(dataset.name), metadata=dataset.metadata)
+            yield dataset.check
 
     return sdtm_domains
 

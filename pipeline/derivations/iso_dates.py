@@ -84,6 +84,23 @@ def date_part(iso: pd.Series) -> pd.Series:
     return pd.to_datetime(iso.str.slice(0, 10).where(is_complete_date(iso)), format="%Y-%m-%d", errors="coerce")
 
 
+def partial_date_bounds(iso: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """The first and last calendar day (`YYYY-MM-DD`) a date may be: `2026-07` is 2026-07-01 to
+    2026-07-31, `2025` the whole year, a complete date itself. For comparisons only: the bounds
+    are never written as a date (nothing imputed)."""
+    year = iso.str.slice(0, 4)
+    month = iso.str.slice(5, 7).where(iso.str.len().ge(7) & iso.str.slice(4, 5).eq("-"))
+    known = month.str.fullmatch(r"0[1-9]|1[0-2]").fillna(False).astype(bool)
+    unreadable = month.notna() & month.ne("--") & ~known        # `2026---15`: the month is not known
+    month = month.where(known)
+    first = pd.to_datetime(year + "-" + month.fillna("01") + "-01", format="%Y-%m-%d", errors="coerce")
+    first = first.where(~unreadable)
+    last = (first + pd.offsets.MonthEnd(0)).where(month.notna(), first + pd.offsets.YearEnd(0))
+    complete = is_complete_date(iso)
+    text = lambda days: days.dt.strftime("%Y-%m-%d").astype("str")  # noqa: E731
+    return (text(first).where(~complete, iso.str.slice(0, 10)), text(last).where(~complete, iso.str.slice(0, 10)))
+
+
 @on_distinct_rows
 def compare_partial(left: pd.Series, right: pd.Series) -> pd.Series:
     """-1, 0 or 1 comparing two ISO dates at their common precision; null if either is null.

@@ -12,7 +12,7 @@ import pandas as pd
 
 from pipeline import metadata
 from pipeline.derivations.distinct_values import on_distinct_rows, on_distinct_values
-from pipeline.derivations.iso_dates import date_part, is_complete_date
+from pipeline.derivations.iso_dates import date_part, is_complete_date, partial_date_bounds
 
 
 def schedule() -> pd.DataFrame:
@@ -87,22 +87,40 @@ def visit_name(visit: pd.Series, visitnum: pd.Series) -> pd.Series:
 
 @on_distinct_rows
 def epoch(dtc: pd.Series, first_dose: pd.Series, last_dose: pd.Series, dosing_complete: pd.Series,
-          first_day_without_time_is_pre_dose: bool = False) -> pd.Series:
+          pre_dose_on_first_dose_day: bool = False) -> pd.Series:
     """SCREENING before the first dose, TREATMENT up to the last dose of a completed dosing
-    period (or onwards while dosing continues), FOLLOW-UP after; null for partial dates.
+    period (or onwards while dosing continues), FOLLOW-UP after.
 
-    Times are compared when both sides carry one. Otherwise the first-dose day is TREATMENT
-    (events: an AE of that day may follow the dose), or, for findings, SCREENING: the schedule
-    samples and scores before dosing on Day 1, which is also what the baseline flag assumes.
+    On the first-dose day, an event is TREATMENT (an AE of that day may follow the dose) unless
+    its time is before the dose's; a finding is SCREENING (the schedule samples and scores before
+    dosing on Day 1), unless its time is after the dose's: a sample at the dose's minute is
+    pre-dose, as the baseline flag ("on or before the first dose") takes it.
+    A partial date gets the epoch of every day it may be (`2025` before the first dose is
+    SCREENING); null when those days span two epochs (SDTMIG: null only when unresolvable).
     """
+    out = _epoch_of_dates(dtc, first_dose, last_dose, dosing_complete, pre_dose_on_first_dose_day)
+    partial = dtc.notna() & ~is_complete_date(dtc)
+    if partial.any():
+        earliest, latest = partial_date_bounds(dtc[partial])
+        args = (first_dose[partial], last_dose[partial], dosing_complete[partial], pre_dose_on_first_dose_day)
+        first_day, last_day = _epoch_of_dates(earliest, *args), _epoch_of_dates(latest, *args)
+        out[partial] = first_day.where(first_day == last_day)
+    return out
+
+
+def _epoch_of_dates(dtc: pd.Series, first_dose: pd.Series, last_dose: pd.Series, dosing_complete: pd.Series,
+                    pre_dose_on_first_dose_day: bool) -> pd.Series:
+    """The epoch of complete dates (the epoch only moves forward in time); null for the others."""
     names = metadata.visits()["epochs"]
     when = date_part(dtc)
     first = date_part(first_dose)
     last = date_part(last_dose)
     both_times = dtc.str.len().gt(10).fillna(False) & first_dose.str.len().gt(10).fillna(False)
-    before_first = (when < first) | (both_times & (when == first) & (dtc < first_dose))
-    if first_day_without_time_is_pre_dose:
-        before_first |= ~both_times & (when == first)
+    first_day = when == first
+    if pre_dose_on_first_dose_day:     # findings: pre-dose unless their time is after the dose's
+        before_first = (when < first) | (first_day & ~(both_times & (dtc > first_dose).fillna(False)))
+    else:                              # events: after the dose unless their time is before it
+        before_first = (when < first) | (first_day & both_times & (dtc < first_dose).fillna(False))
     after_last = dosing_complete.fillna(False).astype(bool) & (when > last)
     out = pd.Series(names["first_to_last_dose"], index=dtc.index, dtype="str")
     out = out.where(~after_last.fillna(False), names["after_last_dose"])

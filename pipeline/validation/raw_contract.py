@@ -414,6 +414,14 @@ def validate_file(name: str, frame: pd.DataFrame, known_subjects: pd.Series | No
     return findings.combine(out)
 
 
+def _death_without_fatal_ae(mrs: pd.DataFrame, ae: pd.DataFrame) -> pd.DataFrame:
+    """An mRS of 6 (dead) should agree with DM.DTHFL (sdtm-reference section 4), which follows
+    the AEs (AESDTH = Y or AEOUT = FATAL): reported, never derived from the score."""
+    fatal = (codelists.recode(ae["AESDTH"], "NY").eq("Y") | ae["AEOUT"].eq("FATAL")).fillna(False).astype(bool)
+    dead = pd.to_numeric(mrs["MRSSCORE"], errors="coerce").eq(6) & ~in_set(mrs["SUBJID"], ae.loc[fatal, "SUBJID"])
+    return findings.for_rows("RAW-MRS-DEATH", mrs[dead.to_numpy()], value=mrs.loc[dead.to_numpy(), "SUBJID"])
+
+
 def held_back_rows(frame: pd.DataFrame, file_findings: pd.DataFrame) -> pd.Series:
     """True for the rows of `frame` that have an ERROR finding (matched on site, transfer, row:
     two sites may export at the same second)."""
@@ -467,12 +475,19 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
                                        detail="its dm.csv or enrol.csv record is held back"))
         held[name] |= cascade
 
-    ex, valid_enrol = raw["ex"], enrol[~held["enrol"]]
-    enrolled_flag = ex["SUBJID"].map(valid_enrol.drop_duplicates("SUBJID").set_index("SUBJID")["ENRLFL"])
+    ex = raw["ex"]
+    enrolment = enrol[~held["enrol"]].drop_duplicates("SUBJID").set_index("SUBJID")
+    enrolled_flag = ex["SUBJID"].map(enrolment["ENRLFL"])
     given = codelists.recode(ex["EXYN"], "NY").eq("Y").fillna(False)
     not_enrolled = ~held["ex"] & given & codelists.recode(enrolled_flag, "NY").ne("Y").fillna(False)
     extra.append(findings.for_rows("RAW-DOSE-NOT-ENROLLED", ex[not_enrolled], value=ex.loc[not_enrolled, "SUBJID"],
                                    detail=enrolled_flag[not_enrolled]))
     held["ex"] |= not_enrolled
+    # Blinded kits carry no dose (spec, ex.csv KITNO). The value is named in no message: it may
+    # differ between the arms.
+    expansion = codelists.recode(ex["SUBJID"].map(enrolment["PHASE"]), "PHASE").eq("EXPANSION").fillna(False)
+    dose_on_kit = ~held["ex"] & expansion & ex["EXDOSE"].notna()
+    extra.append(findings.for_rows("RAW-EXPANSION-DOSE", ex[dose_on_kit], column="EXDOSE"))
+    extra.append(_death_without_fatal_ae(raw["mrs"][~held["mrs"]], raw["ae"][~held["ae"]]))
     validated = {name: rows_where(raw[name], ~held[name]) for name in metadata.RAW_FILES}
     return validated, findings.combine([*by_file.values(), *extra])
