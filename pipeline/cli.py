@@ -56,8 +56,10 @@ def build_parser() -> Parser:
     trace.add_argument("usubjid")
     trace.add_argument("domain", help="DM, EX, AE, LB, QS, SUPPAE ...")
     trace.add_argument("seq", help="the record's --SEQ (for DM and SUPPDM: 1)")
-    trace.add_argument("--output", type=Path, default=Path("demo/output"))
-    trace.add_argument("--exports", type=Path, default=Path("demo/exports"))
+    trace.add_argument("--output", type=Path, default=Path("demo/output"),
+                       help="output folder of the run (default demo/output)")
+    trace.add_argument("--exports", type=Path, default=Path("demo/exports"),
+                       help="exports root the run read (default demo/exports)")
     return parser
 
 
@@ -173,8 +175,9 @@ def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: fl
         raise unusable_instance(home, error) from None
     with instance:
         try:
-            result = job.execute_in_process(instance=instance, raise_on_error=False, tags={"mesae/source": "cli"},
-                                            run_config=QUIET)
+            close_abandoned_runs(instance)
+            result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET,
+                                            tags={"mesae/source": "cli", **this_process()})
         except (OSError, SQLAlchemyError) as error:
             print(f"mesae: run failed: {instance_problem(home, error)}; the published outputs are unchanged",
                   file=sys.stderr)
@@ -186,6 +189,31 @@ def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: fl
     print(f"mesae: run {result.run_id} failed: {reason}", file=sys.stderr)
     print(f"mesae: {failure_guidance(reason)}", file=sys.stderr)
     return 1
+
+
+def this_process() -> dict[str, str]:
+    import socket
+
+    return {"mesae/host": socket.gethostname(), "mesae/pid": str(os.getpid())}
+
+
+def close_abandoned_runs(instance) -> None:
+    """A `mesae run` killed mid-run (kill -9, a lost machine) leaves its run STARTED in the instance
+    for ever. The next run on the same host marks it FAILED, so the UI shows no phantom run in
+    progress. Runs of the UI and daemon are Dagster's own to monitor."""
+    import dagster as dg
+
+    from pipeline.output_folder import process_alive
+
+    host = this_process()["mesae/host"]
+    records = instance.get_run_records(filters=dg.RunsFilter(
+        statuses=[dg.DagsterRunStatus.STARTED], tags={"mesae/source": "cli", "mesae/host": host}))
+    for record in records:
+        pid = record.dagster_run.tags.get("mesae/pid", "")
+        if pid.isdigit() and not process_alive(int(pid)):
+            instance.report_run_failed(record.dagster_run, message=(
+                f"the mesae process {pid} on {host} ended before the run finished (killed?); the output "
+                "folder holds the last set published in full (see its run.json)"))
 
 
 def failure_reason(result) -> str:
@@ -243,6 +271,10 @@ def trace(args) -> int:
 
     dataset = args.domain.lower()
     path = args.output / "lineage" / f"{dataset}.parquet"
+    from pipeline.sdtm_datasets import sdtm_datasets
+
+    if dataset not in sdtm_datasets():
+        raise UsageError(f"unknown dataset {args.domain!r}; expected one of {', '.join(d.upper() for d in sdtm_datasets())}")
     if not path.is_file():
         raise UsageError(f"no lineage for {args.domain} in {args.output} (is it a mesae output folder?)")
     try:

@@ -177,7 +177,7 @@ class OutputFolder:
             removed.append(stale.name)
         for temporary in sorted(self.state.glob("zone.*.tmp")):  # of a run killed in claim()
             pid = temporary.name.split(".")[1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 temporary.unlink(missing_ok=True)
                 removed.append(temporary.name)
         return removed
@@ -228,7 +228,7 @@ def asset_store(root: Path) -> Path:
     return Path(root) / STATE / "assets"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # no signal sent: only asks whether the process exists
     except ProcessLookupError:

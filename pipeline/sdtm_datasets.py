@@ -87,3 +87,14 @@ def writes_in_background() -> Iterator[Callable[[pa.Table, Path], None]]:
         yield hand_over
     if failures:
         raise failures[0]
+
+
+def sdtm_datasets() -> list[str]:
+    """Every SDTM dataset the mappings produce, SUPP-- included, in mapping order."""
+    out = []
+    for domain in metadata.mapping_domains():
+        mapping = metadata.mapping(domain)
+        out.append(mapping["dataset"])
+        if "supplemental" in mapping:
+            out.append(mapping["supplemental"]["dataset"])
+    return out

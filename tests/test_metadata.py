@@ -377,3 +377,11 @@ def test_demo_into_a_file_is_a_one_line_error(tmp_path, capsys):
     code = main(["demo", "--dir", str(tmp_path / "taken")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "cannot write the demo trial" in err, err
+
+
+def test_trace_of_an_unknown_dataset_names_the_known_ones(run, capsys):
+    from pipeline.cli import main
+
+    code = main(["trace", "MESAE-01-001", "XX", "1", "--output", str(run.output), "--exports", str(run.exports)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "unknown dataset 'XX'" in err and "LB" in err, err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -412,3 +413,31 @@ def test_a_file_where_the_state_folder_belongs_is_refused_in_one_line(tmp_path, 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     err = refused(capsys, "--exports", tmp_path / "exports", "--output", tmp_path / "out")
     assert f"{tmp_path / 'out' / '.mesae'} exists and is not mesae's state folder" in err
+
+
+def test_a_run_left_started_by_a_killed_process_is_marked_failed(tmp_path, monkeypatch):
+    """kill -9 leaves a `mesae run` STARTED in the instance for ever; the next run on the host marks
+    it FAILED. A run whose process lives, or that another host started, is left alone."""
+    import socket
+    import subprocess
+
+    from conftest import run_cli
+
+    write_transfer(tmp_path / "exports", "01", T1, one_subject_trial("01"))
+    home = tmp_path / "home"
+    home.mkdir()
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    runs = {"killed": (socket.gethostname(), ended.pid), "alive": (socket.gethostname(), os.getpid()),
+            "elsewhere": ("another-host", ended.pid)}
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for name, (host, pid) in runs.items():
+            instance.add_run(dg.DagsterRun(job_name=JOB_NAME, run_id=f"{name}-run", status=dg.DagsterRunStatus.STARTED,
+                                           tags={"mesae/source": "cli", "mesae/host": host, "mesae/pid": str(pid)}))
+    assert run_cli("run", "--exports", str(tmp_path / "exports"), "--output", str(tmp_path / "out"), home=home) == 0
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        status = {name: instance.get_run_by_id(f"{name}-run").status for name in runs}
+        failure = instance.all_logs("killed-run", of_type=dg.DagsterEventType.RUN_FAILURE)
+    assert status == {"killed": dg.DagsterRunStatus.FAILURE, "alive": dg.DagsterRunStatus.STARTED,
+                      "elsewhere": dg.DagsterRunStatus.STARTED}
+    assert f"the mesae process {ended.pid}" in failure[0].dagster_event.message

@@ -15,12 +15,12 @@ from pipeline import findings, metadata
 from pipeline.assets.checks import eligibility_result, eligibility_spec
 from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema, markdown_table
 from pipeline.assets.raw import INGEST_FINDINGS_KEY, INVENTORY_KEY, RANDOMIZATION_KEY
-from pipeline.assets.sdtm import sdtm_datasets, sdtm_key
+from pipeline.assets.sdtm import sdtm_key
 from pipeline.mapping_engine import column_lineage, qualifier_lineage
 from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RANDOMIZATION_KEY
 from pipeline.publication import check_one_code_version, publish_outputs
 from pipeline.resources import AssetStore, StudySettings
-from pipeline.sdtm_datasets import dataset_schema
+from pipeline.sdtm_datasets import dataset_schema, sdtm_datasets
 from pipeline.validation import protocol_ranges
 
 PROTOCOL_FINDINGS_KEY = dg.AssetKey(["reports", "protocol_findings"])

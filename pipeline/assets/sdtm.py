@@ -229,14 +229,3 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
             yield dataset.check
 
     return sdtm_domains
-
-
-def sdtm_datasets() -> list[str]:
-    """Every SDTM dataset the mappings produce, SUPP-- included, in mapping order."""
-    out = []
-    for domain in metadata.mapping_domains():
-        mapping = metadata.mapping(domain)
-        out.append(mapping["dataset"])
-        if "supplemental" in mapping:
-            out.append(mapping["supplemental"]["dataset"])
-    return out
