@@ -2,8 +2,8 @@
 
 The factory reads `mappings/<domain>.yaml` to decide what each asset depends on (the raw files
 it names, `sdtm/dm` for subject reference dates, the unscheduled visit table, the IWRS list in
-the unblinded zone), its code version (hash of its mapping and the metadata it uses) and its
-column lineage. A new domain is a new mapping file and SDTM schema; no code changes here.
+the unblinded zone), its code version (hash of its mapping and the metadata it uses, and of the
+package code) and its column lineage. A new domain is a new mapping file and SDTM schema; no code changes here.
 """
 
 
@@ -162,6 +162,7 @@ def _dataset_metadata(dataset: str, frame: pd.DataFrame, lineage: dict, version:
 
 
 class BuiltDataset(NamedTuple):
+    """A dataset mapped and checked, held until every dataset passed conformance."""
     name: str
     frame: pd.DataFrame
     check: dg.AssetCheckResult
