@@ -30,7 +30,7 @@ from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import iso_datetime, site_date_to_iso
 from pipeline.derivations.sequence import sequence_number, sort_by_keys
 from pipeline.derivations.study_day import study_day
-from pipeline.derivations.visits import epoch, visit_name, visit_number
+from pipeline.derivations.visits import epoch, scheduled_visit_number, visit_name, visit_number
 from pipeline.sdtm_datasets import arrow_type
 from pipeline.transfers import stack_transfers
 
@@ -205,15 +205,26 @@ def _rows_from(work: Work, file: str, spec: dict) -> tuple[pd.DataFrame, pd.Seri
     other = Work(work.inputs.validated[file], file, work.inputs)
     rows = other.condition(spec.get("where"))
     value = derive(other, spec["value"]) if "value" in spec else pd.Series("Y", index=other.frame.index)
-    return pd.DataFrame({"SUBJID": other.frame["SUBJID"], "value": value})[rows.to_numpy()], rows
+    frame = pd.DataFrame({"SUBJID": other.frame["SUBJID"], "value": value})
+    if "order_by_visit" in spec:
+        frame["order"] = scheduled_visit_number(other.frame[spec["order_by_visit"]])
+    return frame[rows.to_numpy()], rows
 
 
 def _subject_aggregate(work: Work, spec: dict, how: str) -> pd.Series:
+    """The subject's first or last value: in text order (ISO dates), or, with `order_by_visit`,
+    that of its earliest or latest scheduled visit. Text order cannot place a partial date:
+    `2026-02` sorts before `2026-02-17T09:10` whatever day it was, so a partial Day 3 dose
+    became the first dose and left the subject without study days."""
     files = spec["from"] if isinstance(spec["from"], list) else [spec["from"]]
     values = spec["value"] if isinstance(spec["value"], list) else [spec["value"]] * len(files)
     parts = [_rows_from(work, f, {**spec, "value": v})[0] for f, v in zip(files, values)]
     stacked = pd.concat(parts, ignore_index=True).dropna(subset=["value"])
-    per_subject = getattr(stacked.groupby("SUBJID")["value"], how)()
+    if "order_by_visit" in spec:
+        ordered = stacked.sort_values(["SUBJID", "order", "value"], kind="stable").groupby("SUBJID")["value"]
+        per_subject = ordered.first() if how == "min" else ordered.last()
+    else:
+        per_subject = getattr(stacked.groupby("SUBJID")["value"], how)()
     return _text(work.frame["SUBJID"].map(per_subject))
 
 
@@ -381,7 +392,8 @@ UNBLINDED_SOURCES = {"arm": ["randomization.TRTGRP"], "treatment_name": ["random
 # mapping is a typo that would otherwise be ignored silently.
 PARAMETERS = {
     "hardcode": {"value", "when", "when_present"}, "recode": {"codelist", "default"},
-    "subject_first": {"from", "where", "value"}, "subject_last": {"from", "where", "value"},
+    "subject_first": {"from", "where", "value", "order_by_visit"},
+    "subject_last": {"from", "where", "value", "order_by_visit"},
     "subject_flag": {"from", "where"}, "arm": {"part"}, "visit_attribute": {"attribute"},
     "data_cutoff": {"when"}, "lab_test_attribute": {"attribute"}, "lab_standard_result": {"part"},
     "baseline_flag": {"group", "exclude_when_present"}, "epoch": {"first_dose_day"},
@@ -538,6 +550,7 @@ def column_lineage(mapping: dict, zone: str) -> dict[str, list[tuple[str, str]]]
         for other, value in zip(files, values):
             out += refs(value or {}, other)
             out += [(other, column) for column in _condition_columns(spec.get("where"))]
+            out += [(other, spec["order_by_visit"])] if "order_by_visit" in spec else []
         if not files and isinstance(spec.get("value"), dict):
             out += refs(spec["value"], file)
         out += [(file, c) if "." not in c else tuple(c.split(".", 1)) for c in (spec.get("when") or {})]

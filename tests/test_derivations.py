@@ -327,6 +327,14 @@ def test_partial_date_bounds(iso, earliest, latest):
     ("2026", "2026-03-07", "2026-04-04", "Y", None),
     ("2026-03", None, None, None, "SCREENING"),                                   # never treated
     ("2026-13", "2026-03-07", "2026-04-04", "Y", None),                           # not a month: no bounds
+    # a partial dose date: the record's epoch is whatever day the dose was, or null
+    ("2026-05-02", "2026-03-07", "2026-04", "Y", "FOLLOW-UP"),                    # after any day of April
+    ("2026-04-20", "2026-03-07", "2026-04", "Y", None),                           # the last dose may be later
+    ("2026-03-20", "2026-03-07", "2026-04", "Y", "TREATMENT"),                    # before any day of April
+    ("2026-03-20", "2026-03", "2026-04-04", "Y", None),                           # the first dose may be later
+    ("2026-04-01", "2026-03", "2026-04-04", "Y", "TREATMENT"),                    # after any day of March
+    ("2026-02-27", "2026-03", "2026-04-04", "Y", "SCREENING"),
+    ("2026-04", "2026-03", "2026-04-04", "Y", None),                              # both partial
 ])
 def test_epoch(dtc, first, last, complete, expected):
     """A partial date gets an epoch only when every day it may be has the same one (SDTMIG)."""

@@ -55,3 +55,29 @@ def test_a_typo_in_a_mapping_is_refused(change, message):
     change(mapping)
     with pytest.raises(MappingError, match=message):
         check_mapping(mapping)
+
+
+@pytest.mark.parametrize("doses, first, last", [
+    # (VISIT, EXSTDAT, EXSTTIM) of the doses given
+    ([("DAY 1", "2026-02-17", "09:10"), ("DAY 3", "UN FEB 2026", ""), ("DAY 28", "2026-03-16", "10:00")],
+     "2026-02-17T09:10", "2026-03-16T10:00"),              # a partial Day 3 dose is neither first nor last
+    ([("DAY 1", "2026-06-10", "09:00"), ("DAY 21", "2026-07-01", "11:30"), ("DAY 28", "UN JUL 2026", "")],
+     "2026-06-10T09:00", "2026-07"),                       # the last dose is partial: so is RFXENDTC
+    ([("DAY 7", "2026-02-23", ""), ("DAY 1", "2026-02-17", "")], "2026-02-17", "2026-02-23"),
+])
+def test_reference_doses_are_those_of_the_first_and_last_dosing_visit(doses, first, last):
+    """Text order cannot place a partial date (`2026-02` sorts before `2026-02-17T09:10`), so a
+    partial Day 3 dose used to become RFXSTDTC and leave the subject without study days and
+    every record SCREENING. The dosing visits order the doses (Day 1 is the first by the protocol)."""
+    import pandas as pd
+
+    from pipeline import metadata
+    from pipeline.mapping_engine import MappingInputs, Work, derive
+
+    ex = pd.DataFrame({"SUBJID": ["01-001"] * len(doses), "VISIT": [d[0] for d in doses], "EXYN": "Y",
+                       "EXSTDAT": [d[1] for d in doses], "EXSTTIM": [d[2] or None for d in doses]}).astype("str")
+    dm = pd.DataFrame({"SUBJID": ["01-001"]}).astype("str")
+    work = Work(dm, "dm", MappingInputs(zone="blinded", validated={"dm": dm, "ex": ex}))
+    variables = metadata.mapping("dm")["variables"]
+    assert derive(work, variables["RFXSTDTC"]).tolist() == [first]
+    assert derive(work, variables["RFXENDTC"]).tolist() == [last]

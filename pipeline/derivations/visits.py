@@ -95,17 +95,29 @@ def epoch(dtc: pd.Series, first_dose: pd.Series, last_dose: pd.Series, dosing_co
     its time is before the dose's; a finding is SCREENING (the schedule samples and scores before
     dosing on Day 1), unless its time is after the dose's: a sample at the dose's minute is
     pre-dose, as the baseline flag ("on or before the first dose") takes it.
-    A partial date gets the epoch of every day it may be (`2025` before the first dose is
-    SCREENING); null when those days span two epochs (SDTMIG: null only when unresolvable).
+
+    A partial date (of the record or of a dose) gets the epoch of every day it may be (`2025`
+    before the first dose is SCREENING); null when those days span two epochs (SDTMIG: null only
+    when unresolvable). The epoch moves forward with the record's date and back with the doses',
+    so the earliest and latest it can be are its value at the extreme bounds.
     """
     out = _epoch_of_dates(dtc, first_dose, last_dose, dosing_complete, pre_dose_on_first_dose_day)
-    partial = dtc.notna() & ~is_complete_date(dtc)
+    partial = pd.concat([s.notna() & ~is_complete_date(s) for s in (dtc, first_dose, last_dose)], axis=1).any(axis=1)
     if partial.any():
-        earliest, latest = partial_date_bounds(dtc[partial])
-        args = (first_dose[partial], last_dose[partial], dosing_complete[partial], pre_dose_on_first_dose_day)
-        first_day, last_day = _epoch_of_dates(earliest, *args), _epoch_of_dates(latest, *args)
-        out[partial] = first_day.where(first_day == last_day)
+        (dtc_lo, dtc_hi), (first_lo, first_hi), (last_lo, last_hi) = (
+            _bounds(s[partial]) for s in (dtc, first_dose, last_dose))
+        complete = dosing_complete[partial]
+        earliest = _epoch_of_dates(dtc_lo, first_hi, last_hi, complete, pre_dose_on_first_dose_day)
+        latest = _epoch_of_dates(dtc_hi, first_lo, last_lo, complete, pre_dose_on_first_dose_day)
+        out[partial] = earliest.where(earliest == latest)
     return out
+
+
+def _bounds(iso: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """A complete date as it is (its time counts); a partial one as its first and last day."""
+    first, last = partial_date_bounds(iso)
+    complete = is_complete_date(iso)
+    return iso.where(complete, first), iso.where(complete, last)
 
 
 def _epoch_of_dates(dtc: pd.Series, first_dose: pd.Series, last_dose: pd.Series, dosing_complete: pd.Series,
