@@ -99,6 +99,9 @@ def failure_guidance(message: str) -> str:
     if "sdtm_conformance" in text or "AccountingError" in text or "row accounting" in text:
         return ("The outputs failed a conformance check or row accounting: this is a pipeline bug, not a data "
                 "problem. The previous outputs are unchanged. Send the run id to the pipeline team.")
+    if "RandomizationFileError" in text:
+        return ("The IWRS list (unblinded/randomization.csv) cannot be used as it is: have it exported again as the "
+                "reason says, then rerun. The previous outputs are unchanged.")
     if OutputFolderBusy.__name__ in text or "is being written by" in text:
         return "Another run is writing this output folder. Wait for it to finish, then run again."
     # Matched on the error's own words, not on "zone" anywhere (a path such as /srv/blinded-zone/...

@@ -93,6 +93,9 @@ def files_digest(paths: list[Path], base: Path | None = None) -> str:
     return digest.hexdigest()
 
 
+CODE_VERSION_ATTR = "code_version"   # key of the version stamped on every stored asset value
+
+
 def code_version() -> str:
     """Version of everything that decides the outputs: package code, schemas and mappings."""
     return _code_version(str(metadata_root()))

@@ -67,8 +67,9 @@ def check_one_input_set(sdtm: dict[str, pd.DataFrame], quarantine: pd.DataFrame,
 def check_one_code_version(frames: dict[str, pd.DataFrame], version: str) -> None:
     """Every value to publish was built by this code: after a code change, a run of reports/* alone
     would otherwise publish the old derivations under the new code version."""
-    other = sorted(f"{name} ({frame.attrs.get('code_version', 'unknown')})" for name, frame in frames.items()
-                   if frame.attrs.get("code_version") != version)
+    stamp = metadata.CODE_VERSION_ATTR
+    other = sorted(f"{name} ({frame.attrs.get(stamp, 'unknown')})" for name, frame in frames.items()
+                   if frame.attrs.get(stamp) != version)
     if other:
         raise MixedInputsError(
             f"the outputs would mix code versions: {', '.join(other[:5])} built by another version than this "

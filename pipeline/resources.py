@@ -20,7 +20,6 @@ from pipeline.output_folder import STALE_SUFFIX, OutputFolder, asset_store
 from pipeline.transfers import ExportsRootError
 
 INSTANCE_ZONE_MARKER = "mesae-zone"
-CODE_VERSION_ATTR = "code_version"  # stamped on every stored value: publication refuses a mix of versions
 ZONE_KEY = "mesae/zone"
 
 
@@ -113,7 +112,7 @@ class AssetStore(dg.ConfigurableResource):
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pandas(frame, preserve_index=False)
-        attrs = json.dumps({**frame.attrs, CODE_VERSION_ATTR: metadata.code_version()}, sort_keys=True,
+        attrs = json.dumps({**frame.attrs, metadata.CODE_VERSION_ATTR: metadata.code_version()}, sort_keys=True,
                            default=str).encode()
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"mesae_attrs": attrs})
         temporary = path.with_suffix(".arrow.tmp")

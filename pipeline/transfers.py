@@ -380,7 +380,9 @@ def decode(transfer: Transfer, name: str, data: bytes) -> bytes | None:
         return text.lstrip("\ufeff").encode("utf-8")
     except UnicodeDecodeError as error:
         offset = error.start + (len(data) - len(body) if encoding == "utf-8" else 0)
-        hint = " (it looks like gb18030: the manifest must say so)" if encoding == "utf-8" and _is_gb18030(data) else ""
+        hint = ""
+        if encoding == "utf-8" and _is_gb18030(data):   # a site transfer may declare gb18030; the IWRS list may not
+            hint = " (it reads as gb18030: the manifest must say so)" if transfer.site else " (it reads as gb18030)"
         line = data[:offset].count(NEWLINE) + 1
         transfer.problem("TRF-DECODE", file=name, expected=encoding, detail=(
             f"line {line}, byte {offset} ({data[offset:offset + 4]!r}) {error.reason}{hint}"))

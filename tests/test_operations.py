@@ -249,6 +249,16 @@ def test_guidance_for_a_conformance_failure():
     assert "pipeline bug" in failure_guidance("AccountingError: row accounting does not close for lb.csv")
 
 
+def test_guidance_for_an_unusable_iwrs_list(tmp_path):
+    from pipeline.transfers import RandomizationFileError, read_randomization
+
+    (tmp_path / "unblinded").mkdir()
+    (tmp_path / "unblinded" / "randomization.csv").write_bytes(b"")
+    with pytest.raises(RandomizationFileError) as error:
+        read_randomization(tmp_path)
+    assert "IWRS list" in failure_guidance(_error_line(error.value))
+
+
 def test_guidance_for_a_busy_output_folder(tmp_path):
     from pipeline.output_folder import OutputFolder, OutputFolderBusy
 

@@ -448,7 +448,7 @@ def test_a_misnamed_site_folder_is_a_rejected_row_of_transfers_parquet(tmp_path)
 
 @pytest.mark.parametrize("encoding, data, words", [
     ("utf-8", "SUBJID,AETERM\n01-001,发热\n".encode("gb18030"),
-     "line 2, byte 21 (b'\\xb7\\xa2\\xc8\\xc8') invalid start byte (it looks like gb18030: the manifest must say so)"),
+     "line 2, byte 21 (b'\\xb7\\xa2\\xc8\\xc8') invalid start byte (it reads as gb18030: the manifest must say so)"),
     ("utf-8", codecs.BOM_UTF8 + b"SUBJID\n\n01-001\xff\n",
      "line 3, byte 17 (b'\\xff\\n') invalid start byte"),   # the BOM counts: byte offsets are the file's
     ("gb18030", b"SUBJID\n\x81\x30\xff\xff\n", "line 2, byte 7"),
@@ -457,3 +457,10 @@ def test_an_undecodable_file_names_the_line_and_the_likely_encoding(encoding, da
     transfer = transfers.Transfer(site="01", name=NEW, path=Path("."), encoding=encoding)
     assert transfers.decode(transfer, "ae.csv", data) is None
     assert words in transfer.problems[0]["MESSAGE"], transfer.problems[0]["MESSAGE"]
+
+
+def test_the_iwrs_list_is_not_told_to_fix_a_manifest_it_does_not_have():
+    transfer = transfers.Transfer(site=None, name="unblinded", path=Path("."), encoding="utf-8")
+    assert transfers.decode(transfer, "randomization.csv", "RANDNO,TRTGRP\n1,安慰剂\n".encode("gb18030")) is None
+    message = transfer.problems[0]["MESSAGE"]
+    assert "(it reads as gb18030)" in message and "manifest" not in message, message
