@@ -273,8 +273,9 @@ def trace(args) -> int:
     path = args.output / "lineage" / f"{dataset}.parquet"
     from pipeline.sdtm_datasets import sdtm_datasets
 
-    if dataset not in sdtm_datasets():
-        raise UsageError(f"unknown dataset {args.domain!r}; expected one of {', '.join(d.upper() for d in sdtm_datasets())}")
+    known = sdtm_datasets()
+    if dataset not in known:
+        raise UsageError(f"unknown dataset {args.domain!r}; expected one of {', '.join(d.upper() for d in known)}")
     if not path.is_file():
         raise UsageError(f"no lineage for {args.domain} in {args.output} (is it a mesae output folder?)")
     try:
@@ -293,7 +294,7 @@ def trace(args) -> int:
         data = (source.path / hit.FILE).read_bytes()
         name = next(n for n in metadata.RAW_FILES if metadata.raw_schema(n)["file"] == hit.FILE)
         raw = transfers.read_csv_file(source, hit.FILE, data, metadata.raw_schema(name))
-        rows = raw.data[raw.data["src_row"] == hit.ROW] if raw is not None else raw
+        rows = raw.data[raw.data["src_row"] == hit.ROW] if raw is not None else None
         if rows is None or rows.empty:
             raise UsageError(f"{source.path / hit.FILE} has no readable data row {hit.ROW} any more: the file "
                              f"changed since the run (the run read sha256 {hit.SHA256})")

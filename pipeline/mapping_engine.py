@@ -553,7 +553,7 @@ def column_lineage(mapping: dict, zone: str) -> dict[str, list[tuple[str, str]]]
             out += [(other, spec["order_by_visit"])] if "order_by_visit" in spec else []
         if not files and isinstance(spec.get("value"), dict):
             out += refs(spec["value"], file)
-        out += [(file, c) if "." not in c else tuple(c.split(".", 1)) for c in (spec.get("when") or {})]
+        out += [(file, c) if "." not in c else tuple(c.split(".", 1)) for c in _condition_columns(spec.get("when"))]
         if "default" in spec:
             out += refs(spec["default"], file)
         if zone == "unblinded":

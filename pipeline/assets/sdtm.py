@@ -146,9 +146,8 @@ def _transfers_table(inventory: pd.DataFrame, files: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _dataset_metadata(dataset: str, frame: pd.DataFrame, lineage: dict, version: str, source_file: str,
-                      input_files: list[str], not_mapped: dict, inventory: pd.DataFrame, file_findings: pd.DataFrame,
-                      published) -> dict:
+def _dataset_metadata(dataset: str, frame: pd.DataFrame, lineage: dict, version: str, input_files: list[str],
+                      not_mapped: dict, inventory: pd.DataFrame, file_findings: pd.DataFrame, published) -> dict:
     """`input_transfers` lists every raw file the mapping reads (DM reads six), with its sha256."""
     return {
         "dagster/row_count": len(frame), "dagster/uri": (published / f"{dataset}.parquet").as_uri(),
@@ -221,7 +220,7 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
                 frame.attrs = {"dataset": name, "source_file": source_file, "not_mapped": not_mapped}
                 built.append(BuiltDataset(name, frame, conformance_result(
                     sdtm_key(name), name, frame, None if name == "dm" else subjects), _dataset_metadata(
-                    name, frame, lineage, versions[dataset], source_file, input_files[dataset], not_mapped, inventory,
+                    name, frame, lineage, versions[dataset], input_files[dataset], not_mapped, inventory,
                     file_findings, published)))
         refuse_nonconformant([b.check for b in built])
         for dataset in built:
