@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-ZONE_ENV = "MESAE_UNBLINDED"
+from pipeline.output_folder import ZONE_ENV, OutputFolder, OutputFolderError, zone_from_environment
+
 # The run's events go to the Dagster instance (and its UI); the terminal gets a short summary.
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
@@ -89,10 +90,10 @@ def demo_data(args) -> int:
 
 
 def zone_of(args) -> str:
-    flag = os.environ.get(ZONE_ENV, "").strip().lower()
-    if flag not in ("", "0", "1", "true", "false", "yes", "no"):
-        raise UsageError(f"{ZONE_ENV} must be 1 or 0, not {flag!r}")
-    return "unblinded" if args.unblinded or flag in ("1", "true", "yes") else "blinded"
+    try:
+        return "unblinded" if args.unblinded else zone_from_environment()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def dagster_home(zone: str) -> Path:
@@ -122,7 +123,6 @@ def unusable_instance(home: Path, error: BaseException) -> UsageError:
 
 def preflight(exports: Path, output: Path, zone: str, home: Path) -> None:
     """Everything that makes an invocation unusable, checked before Dagster starts (exit 2)."""
-    from pipeline.output_folder import OutputFolder, OutputFolderError
     from pipeline.transfers import RANDOMIZATION_PATH, ExportsRootError, has_site_folders, list_transfers
 
     try:

@@ -20,15 +20,12 @@ from pipeline.assets.sdtm import build_sdtm_assets
 from pipeline.assets.validated import build_validation_asset
 from pipeline.automation import build_schedule, build_sensor, failure_guidance_sensor
 from pipeline.garbage_collection import tune_for_pipeline_process
+from pipeline.output_folder import zone_from_environment
 from pipeline.resources import AssetStore, StudySettings
 
 JOB_NAME = "mesae_nightly"
 DEFAULT_EXPORTS = "demo/exports"
 DEFAULT_OUTPUT = "demo/output"
-
-
-def zone_from_environment() -> str:
-    return "unblinded" if os.environ.get("MESAE_UNBLINDED", "").strip() in ("1", "true", "yes") else "blinded"
 
 
 def build_definitions(exports: str | Path, output: str | Path, zone: str = "blinded",

@@ -85,6 +85,24 @@ def for_rows(rule: str, rows: pd.DataFrame, column: str | None = None, value=Non
     }))
 
 
+HELD_BACK_NOTE = " (not mapped after all: an ERROR on this row holds it back)"
+
+
+def note_held_back(found: pd.DataFrame, held: pd.DataFrame) -> pd.DataFrame:
+    """A WARNING means mapped and reported; on a row that an ERROR holds back it says so, so that
+    no one reads an uncoded AE on a held-back row as mapped. `held`: src_* coordinates."""
+    keys = ["SITEID", "TRANSFER", "FILE", "ROW"]
+    rows = pd.DataFrame({"SITEID": held["src_site"].astype("str"), "TRANSFER": held["src_transfer"].astype("str"),
+                         "FILE": held["src_file"].astype("str"), "ROW": held["src_row"].astype("Int64"), "_held": True})
+    held_row = found[keys].merge(rows.drop_duplicates(keys), on=keys, how="left")["_held"].fillna(False)
+    marked = held_row.to_numpy(bool) & (found["SEVERITY"] == "WARNING").to_numpy()
+    if not marked.any():
+        return found
+    out = found.copy()
+    out.loc[marked, "MESSAGE"] = out.loc[marked, "MESSAGE"] + HELD_BACK_NOTE
+    return out
+
+
 def normalize(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.reindex(columns=COLUMNS)
     for column in COLUMNS:

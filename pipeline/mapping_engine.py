@@ -24,7 +24,7 @@ import pandas as pd
 from pipeline import metadata
 from pipeline.derivations import codelists
 from pipeline.derivations import lab_unit_conversions as labs
-from pipeline.derivations.baseline import last_observation_before_exposure
+from pipeline.derivations.baseline import apart_values, last_observation_before_exposure
 from pipeline.derivations.distinct_values import as_text, in_set, lookup
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import iso_datetime, site_date_to_iso
@@ -370,7 +370,9 @@ def baseline_flag(work: Work, spec: dict) -> pd.Series:
     frame = pd.DataFrame({"dtc": dtc, "ref": reference})
     for column in spec["group"]:
         frame[column] = work.resolve("$" + column)
-    return last_observation_before_exposure(frame, "dtc", "ref", has_result, spec["group"])
+    for column, values in spec.get("apart", {}).items():
+        frame[column] = apart_values(work.resolve("$" + column), values)
+    return last_observation_before_exposure(frame, "dtc", "ref", has_result, [*spec["group"], *spec.get("apart", {})])
 
 
 ALGORITHMS: dict[str, Callable[[Work, dict], pd.Series]] = {
@@ -396,7 +398,7 @@ PARAMETERS = {
     "subject_last": {"from", "where", "value", "order_by_visit"},
     "subject_flag": {"from", "where"}, "arm": {"part"}, "visit_attribute": {"attribute"},
     "data_cutoff": {"when"}, "lab_test_attribute": {"attribute"}, "lab_standard_result": {"part"},
-    "baseline_flag": {"group", "exclude_when_present"}, "epoch": {"first_dose_day"},
+    "baseline_flag": {"group", "apart", "exclude_when_present"}, "epoch": {"first_dose_day"},
 }
 
 
@@ -541,7 +543,7 @@ def column_lineage(mapping: dict, zone: str) -> dict[str, list[tuple[str, str]]]
             out += reference_lineage(reference, file)
         for reference in [spec.get("when_present"), spec.get("exclude_when_present")]:
             out += reference_lineage(reference, file) if reference else []
-        for variable in spec.get("group", []):
+        for variable in [*spec.get("group", []), *spec.get("apart", {})]:
             out += of(variable)
         files = spec.get("from")
         files = files if isinstance(files, list) else ([files] if files else [])

@@ -31,6 +31,18 @@ PUBLISHED_ENTRIES = ("sdtm", "quarantine.parquet", "transfers.parquet", "run.jso
 STATE = ".mesae"
 
 
+ZONE_ENV = "MESAE_UNBLINDED"
+
+
+def zone_from_environment() -> str:
+    """The zone `MESAE_UNBLINDED` names, read the same way by `mesae run` and `dagster dev`: a
+    value that is neither yes nor no is refused rather than taken as blinded."""
+    flag = os.environ.get(ZONE_ENV, "").strip().lower()
+    if flag not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"{ZONE_ENV} must be 1 or 0, not {flag!r}")
+    return "unblinded" if flag in ("1", "true", "yes") else "blinded"
+
+
 class OutputFolderError(Exception):
     """The output folder cannot be used for this run (wrong zone, not ours, not writable)."""
 
@@ -63,11 +75,18 @@ class OutputFolder:
         return None
 
     def check(self, exports: Path) -> None:
-        """Refuses a folder of the other zone, inside the exports root, or holding foreign files."""
+        """Refuses a folder of the other zone, inside the exports root or inside another output
+        folder (`<blinded>/sdtm` resolves into a blinded release), or holding foreign files."""
         root, exports = self.root.resolve(), Path(exports).resolve()
         if root == exports or exports in root.parents:
             raise OutputFolderError(f"output folder {self.root} is inside the exports folder {exports}; "
                                     "the pipeline never writes there")
+        for outer in [*self.root.absolute().parents, *root.parents]:
+            zone = OutputFolder(outer, self.zone).recorded_zone()
+            if zone is not None:
+                raise OutputFolderError(
+                    f"output folder {self.root} is inside the {zone} output folder {outer}; an output folder "
+                    "never nests in another (its releases would mix with the other's; use another --output folder)")
         recorded = self.recorded_zone()
         if recorded is not None and recorded != self.zone:
             raise OutputFolderError(
@@ -159,8 +178,8 @@ class OutputFolder:
 
     def clean_leftovers(self) -> list[str]:
         """Removes what runs that did not finish left (call under the lock): staging folders, the
-        temporary `.current-<run>` link of a run killed just before its swap, and replaced asset
-        files a run was still deleting."""
+        temporary `.current-<run>` link of a run killed just before its swap, replaced asset
+        files a run was still deleting, and temporary files of a run killed before their rename."""
         staging = self.state / "staging"
         removed = []
         if staging.is_dir():
@@ -175,8 +194,10 @@ class OutputFolder:
         for stale in sorted(self.asset_store.rglob(f"*{STALE_SUFFIX}")):
             stale.unlink(missing_ok=True)
             removed.append(stale.name)
-        for temporary in sorted(self.state.glob("zone.*.tmp")):  # of a run killed in claim()
-            pid = temporary.name.split(".")[1]
+        # `<name>.<pid>.tmp` of a run killed before its rename: the zone marker (claim) or
+        # known_transfers.json (pipeline/transfers.py).
+        for temporary in sorted(self.state.glob("*.tmp")):
+            pid = temporary.name.split(".")[-2]
             if pid.isdigit() and not process_alive(int(pid)):
                 temporary.unlink(missing_ok=True)
                 removed.append(temporary.name)

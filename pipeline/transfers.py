@@ -141,12 +141,20 @@ def folder_time(name: str) -> datetime:
 EXPORT_TIME_TOLERANCE = timedelta(hours=1)   # between the folder name and exported_at (an export takes time)
 
 
+# A transfer's files are read as themselves: a symbolic link could lead anywhere, unblinded/
+# included, so it is refused without being followed (its target is neither opened nor named).
+NOT_FOLLOWED = "a symbolic link, not a file of the transfer; links are never followed"
+
+
 def read_manifest(transfer: Transfer) -> bool:
     """Reads and checks manifest.json; records problems; True when the files can be checked."""
     if not _valid_folder_time(transfer.name):
         transfer.problem("TRF-FOLDER", detail=transfer.name)
         return False
     path = transfer.path / MANIFEST
+    if path.is_symlink():
+        transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=f"manifest.json is {NOT_FOLLOWED}")
+        return False
     try:
         manifest = json.loads(path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
@@ -196,6 +204,11 @@ def read_manifest(transfer: Transfer) -> bool:
         transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=(
             f"file name(s) {', '.join(json.dumps(n, ensure_ascii=False) for n in outside)} are not plain names "
             "of files in the transfer folder"))
+        return False
+    linked = sorted(name for name in files if (transfer.path / name).is_symlink())
+    for name in linked:
+        transfer.problem("TRF-UNREADABLE", file=name, detail=NOT_FOLLOWED)
+    if linked:
         return False
     for name, entry in files.items():
         ok = (isinstance(entry, dict) and isinstance(entry.get("rows"), int) and not isinstance(entry.get("rows"), bool)
@@ -368,6 +381,29 @@ def _is_gb18030(data: bytes) -> bool:
     return True
 
 
+# A Chinese ideograph. UTF-8 Chinese text read as gb18030 decodes without error (into other
+# Chinese characters), so a wrong gb18030 declaration is found by what the bytes are instead.
+IDEOGRAPH = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+
+
+def utf8_evidence(data: bytes) -> str | None:
+    """Why bytes declared gb18030 are UTF-8: a UTF-8 byte-order mark (never the start of a CSV
+    header in gb18030), or a whole file that is valid UTF-8 with Chinese in it. gb18030 Chinese
+    text passes as UTF-8 only by accident (two-byte sequences decode to Greek, Hebrew ...
+    letters; a valid three-byte ideograph in every place is next to impossible)."""
+    if data.startswith(codecs.BOM_UTF8):
+        return "it starts with a UTF-8 byte-order mark"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    found = IDEOGRAPH.search(text)
+    if found is None:
+        return None
+    line = text.count("\n", 0, found.start()) + 1
+    return f"line {line} reads as UTF-8 Chinese ({text[found.start():found.start() + 6]!r})"
+
+
 def decode(transfer: Transfer, name: str, data: bytes) -> bytes | None:
     """UTF-8 bytes (BOM removed) of a file in the transfer's declared encoding, or None."""
     encoding = transfer.encoding
@@ -376,6 +412,11 @@ def decode(transfer: Transfer, name: str, data: bytes) -> bytes | None:
             body = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
             body.decode("utf-8")
             return body
+        evidence = utf8_evidence(data)
+        if evidence:
+            transfer.problem("TRF-DECODE", file=name, expected=encoding, detail=(
+                f"the file is UTF-8: {evidence}; read as {encoding} its text would change (the manifest must say utf-8)"))
+            return None
         text = data.decode(encoding)
         return text.lstrip("\ufeff").encode("utf-8")
     except UnicodeDecodeError as error:

@@ -168,6 +168,7 @@ def test_unblinded_run_has_real_arms_and_doses(zones):
     assert (expansion_doses["EXTRT"] == expansion_doses["TRTGRP"].map(
         {"EXOSOME": "HUC-MSC-EXO", "PLACEBO": "PLACEBO"})).all()
     assert (expansion_doses["EXDOSE"] == expansion_doses["DOSE"]).all()
+    assert (expansion_doses["EXDOSU"] == "PARTICLES").all()      # a placebo dose of 0 has its unit
     assert json.loads((output / "run.json").read_text())["zone"] == "unblinded"
     summary = json.loads((output / "run.json").read_text())
     rows = summary["rows"]["randomization.csv"]
@@ -211,6 +212,43 @@ def test_zones_refuse_each_others_output_folders_and_instances(zones, capsys):
         assert run_cli("run", "--exports", str(exports), "--output", str(blinded), home=root / "home-unblinded") == 2
     finally:
         del os.environ["MESAE_UNBLINDED"]
+
+
+@pytest.mark.parametrize("inside", ["sdtm", ".mesae", "lineage", "current/reports", "new/deeper"])
+def test_no_output_folder_nests_in_another(zones, capsys, inside):
+    """`<blinded>/sdtm` resolves into a published blinded release: an unblinded run there used to
+    publish EXO/PBO arms under the blinded folder (and a blinded run likewise into unblinded)."""
+    exports, root = zones["root"] / "exports", zones["root"]
+    blinded, unblinded = zones["outputs"]["present"], zones["outputs"]["unblinded"]
+    before, files = published(blinded), sorted(blinded.rglob("*"))
+    assert run_cli("run", "--exports", str(exports), "--output", str(blinded / inside), "--unblinded",
+                   home=root / "home-unblinded") == 2
+    assert f"inside the blinded output folder {blinded}" in capsys.readouterr().err
+    assert run_cli("run", "--exports", str(exports), "--output", str(unblinded / inside),
+                   home=root / "home-blinded") == 2
+    assert "inside the unblinded output folder" in capsys.readouterr().err
+    assert published(blinded) == before and sorted(blinded.rglob("*")) == files
+
+
+@pytest.mark.parametrize("value, zone", [("1", "unblinded"), ("TRUE", "unblinded"), (" Yes ", "unblinded"),
+                                         ("", "blinded"), ("0", "blinded"), ("no", "blinded"),
+                                         ("2", None), ("on", None)])
+def test_the_zone_variable_reads_the_same_for_the_cli_and_dagster_dev(monkeypatch, value, zone):
+    """`mesae run` took TRUE or Yes as unblinded where the definitions `dagster dev` loads took them
+    as blinded, and `on` silently as blinded: one parser now, refusing what is neither."""
+    import argparse
+
+    from pipeline.cli import UsageError, zone_of
+    from pipeline.output_folder import zone_from_environment
+
+    monkeypatch.setenv("MESAE_UNBLINDED", value)
+    if zone is None:
+        with pytest.raises(ValueError, match="must be 1 or 0"):
+            zone_from_environment()
+        with pytest.raises(UsageError):
+            zone_of(argparse.Namespace(unblinded=False))
+    else:
+        assert zone_from_environment() == zone == zone_of(argparse.Namespace(unblinded=False))
 
 
 def test_randomization_inconsistencies_are_findings(tmp_path):

@@ -146,6 +146,8 @@ def test_blinded_expansion(demo_run):
     escalation = ex[~ex["USUBJID"].isin("MESAE-" + expansion)]
     assert (escalation["EXTRT"] == "HUC-MSC-EXO").all() and escalation["EXDOSE"].notna().all()
     assert set(ex["EXROUTE"]) == {"NASAL"}
+    # EXDOSU is the unit of EXDOSE (SDTMIG): none without a dose, so none for a blinded one.
+    assert doses["EXDOSU"].isna().all() and (escalation["EXDOSU"] == "PARTICLES").all()
 
 
 def test_runs_are_recorded_in_the_dagster_instance(demo_run):

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.derivations import codelists
 from pipeline.derivations import lab_unit_conversions as labs
-from pipeline.derivations.baseline import last_observation_before_exposure
+from pipeline.derivations.baseline import apart_values, last_observation_before_exposure
 from pipeline.derivations.distinct_values import combined_rank, distinct_rows, in_set
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import (compare_partial, iso_datetime, is_site_time, partial_date_bounds,
@@ -359,3 +359,25 @@ def test_epoch_of_findings_on_the_first_dose_day(dtc, first, expected):
     result = epoch(pd.Series([dtc], dtype="str"), pd.Series([first], dtype="str"),
                    pd.Series(["2026-04-04"], dtype="str"), pd.Series([True]), pre_dose_on_first_dose_day=True)
     assert values(result) == [expected]
+
+
+@pytest.mark.parametrize("value, key", [
+    ("CEREBROSPINAL FLUID", "CEREBROSPINAL FLUID"), ("SERUM", None), ("BLOOD", None), (None, None),
+])
+def test_apart_values_separate_only_the_listed_values(value, key):
+    out = apart_values(pd.Series([value], dtype="str"), ["CEREBROSPINAL FLUID"])
+    assert values(out) == [key]
+
+
+@pytest.mark.parametrize("code, result, unit, known", [
+    ("HBVDNA", "<LLOQ", None, True),      # no number, so no unit needed
+    ("HBVDNA", "1500", None, False),      # a number without its unit is never given IU/mL
+    ("HBVDNA", "<20", None, False),       # a censored number needs its unit as well
+    ("HBVDNA", "1500", "IU/mL", True),
+    ("HBVDNA", "1500", "copies/mL", False),
+    ("INR", "1.1", None, True),           # INR is reported without a unit
+    ("HGB", "135", None, False),
+])
+def test_a_unit_is_known_only_where_listed_or_not_needed(code, result, unit, known):
+    kinds = labs.parse_result(pd.Series([result], dtype="str"))["kind"]
+    assert values(labs.unit_is_known(pd.Series([code]), pd.Series([unit], dtype="str"), kinds)) == [known]

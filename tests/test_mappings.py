@@ -81,3 +81,31 @@ def test_reference_doses_are_those_of_the_first_and_last_dosing_visit(doses, fir
     variables = metadata.mapping("dm")["variables"]
     assert derive(work, variables["RFXSTDTC"]).tolist() == [first]
     assert derive(work, variables["RFXENDTC"]).tolist() == [last]
+
+
+@pytest.mark.parametrize("specimens, flagged", [
+    # (LBSPEC, LBDTC) of one subject's haemoglobin; first dose 2026-03-07T11:30
+    ([("BLOOD", "2026-02-25"), (None, "2026-03-07T07:50")], [None, "Y"]),        # blank on Day 1: one baseline
+    ([("BLOOD", "2026-02-25"), ("SERUM", "2026-03-07T07:50")], [None, "Y"]),
+    ([("SERUM", "2026-02-25"), ("CEREBROSPINAL FLUID", "2026-02-26")], ["Y", "Y"]),  # CSF has its own
+    ([(None, "2026-02-25"), ("CEREBROSPINAL FLUID", "2026-02-26"), ("CEREBROSPINAL FLUID", "2026-03-07T12:00")],
+     ["Y", "Y", None]),                                                        # after the dose: not baseline
+])
+def test_lab_baseline_is_one_per_test_with_csf_apart(specimens, flagged):
+    """The reference groups the baseline by subject and test, with LBSPEC only to keep CSF and
+    serum antibodies apart: a Day 1 sample whose specimen the site left empty gave the test a
+    second LBLOBXFL (the screening one stayed flagged as the last BLOOD result)."""
+    import pandas as pd
+
+    from pipeline.mapping_engine import MappingInputs, Work, derive
+
+    lb = pd.DataFrame({"SUBJID": ["01-001"] * len(specimens)}).astype("str")
+    dm = pd.DataFrame({"SUBJID": ["01-001"], "RFXSTDTC": ["2026-03-07T11:30"]}).astype("str")
+    work = Work(lb, "lb", MappingInputs(zone="blinded", validated={"lb": lb}, dm=dm))
+    work.out.update({"USUBJID": pd.Series("MESAE-01-001", index=lb.index), "LBTESTCD": pd.Series("HGB", index=lb.index),
+                     "LBSPEC": pd.Series([s for s, _ in specimens], dtype="str"),
+                     "LBDTC": pd.Series([d for _, d in specimens], dtype="str"),
+                     "LBORRES": pd.Series("110", index=lb.index, dtype="str"), "LBSTAT": pd.Series(None, index=lb.index, dtype="str")})
+    flag = derive(work, metadata.mapping("lb")["variables"]["LBLOBXFL"])
+    assert [None if pd.isna(v) else v for v in flag] == flagged
+    assert ("lb", "LBSPEC") in column_lineage(metadata.mapping("lb"), "blinded")["LBLOBXFL"]

@@ -648,10 +648,17 @@ def test_replaced_asset_files_are_gone_at_the_end_of_the_run_or_at_the_next_one(
 
     left = asset_store(tmp_path) / "sdtm" / f"lb.arrow.4242-0{STALE_SUFFIX}"
     left.write_bytes(b"set aside by a run killed before deleting it")
+    # A run killed before renaming known_transfers.json left its temporary file (one per kill,
+    # never removed); one of a live process (pid 1) may still be renamed and stays.
+    dead = tmp_path / ".mesae" / f"known_transfers.json.{2 ** 22 + 17}.tmp"
+    alive = tmp_path / ".mesae" / "known_transfers.json.1.tmp"
+    for temporary in (dead, alive):
+        temporary.write_text("{}")
     folder = OutputFolder(tmp_path, "blinded")
     with folder.locked(1):
-        assert folder.clean_leftovers() == [left.name]
+        assert folder.clean_leftovers() == [left.name, dead.name]
     assert not left.exists() and store.load(key)["LBTESTCD"].tolist() == ["WBC"]
+    assert not dead.exists() and alive.exists()
 
 
 def test_background_parquet_writes_give_the_same_bytes_and_stop_at_the_first_failure(tmp_path, monkeypatch):

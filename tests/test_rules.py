@@ -37,6 +37,8 @@ class Defect:
 DEFECTS = [
     Defect("RAW-REQUIRED", "ERROR", "ae.csv", "01", {}, {"AETERM": ""}),
     Defect("RAW-CODELIST", "ERROR", "ae.csv", "02", {}, {"AEREL": "MAYBE"}),
+    # an uncoded AE held back for another reason: its warning must not read as mapped
+    Defect("RAW-CODELIST", "ERROR", "ae.csv", "04", {}, {"AEOUT": "GONE", "AEDECOD": ""}, also={"RAW-AE-UNCODED"}),
     Defect("RAW-TIME", "ERROR", "lb.csv", "01", {"LBTIM": lambda v: v != ""}, {"LBTIM": "25:10"}),
     Defect("RAW-NUMBER", "ERROR", "lb.csv", "02", {"LBORNRLO": lambda v: v != ""}, {"LBORNRLO": "low"}),
     Defect("RAW-DOSE-LABEL", "ERROR", "ex.csv", "03", {"EXDOSE": lambda v: v != ""}, {"EXDOSE": "2.5 billion"}),
@@ -46,6 +48,8 @@ DEFECTS = [
            {"EXSTDAT": "2026-06-01"}),
     Defect("RAW-ONLY-AT-VISIT", "ERROR", "mrs.csv", "02", {"VISIT": "DAY 7"}, {"MRSTYPE": "PRE-MORBID"}),
     Defect("RAW-RESULT-STATUS", "ERROR", "lb.csv", "03", {"LBORRES": lambda v: v != ""}, {"LBSTAT": "NOT DONE"}),
+    # HBV DNA may come without a unit only as `<LLOQ`: a number is not taken to be IU/mL
+    Defect("RAW-LB-UNIT", "ERROR", "lb.csv", "02", {"LBTEST": "HBV DNA"}, {"LBORRES": "1500", "LBORRESU": ""}),
     Defect("RAW-LB-RESULT", "ERROR", "lb.csv", "05", {"LBTEST": lambda v: v.upper() in ("ANC", "NEUTROPHILS")},
            {"LBORRES": "high"}),
     Defect("RAW-TIME-PARTIAL-DATE", "WARNING", "lb.csv", "04", {"LBTIM": lambda v: v != "", "VISIT": "DAY 7"},
@@ -178,6 +182,22 @@ def test_rule(rules_run, defect):
     else:
         assert not changed or any(v in mine["MESSAGE"] for v in changed) or defect.rule.startswith("PROT-"), mine["MESSAGE"]
     assert in_sdtm(rules_run, defect.site, defect.file, defect.row) == (defect.severity == "WARNING")
+
+
+def test_a_warning_on_a_held_back_row_says_the_row_is_not_mapped(rules_run):
+    """WARNING means mapped and reported: on a row an ERROR holds back, RAW-AE-UNCODED said
+    "mapped with AEDECOD null" of a record that is in no dataset."""
+    from pipeline.findings import HELD_BACK_NOTE
+
+    (defect,) = [d for d in DEFECTS if d.change.get("AEOUT") == "GONE"]
+    found = findings_at(rules_run, defect.site, defect.file, defect.row).set_index("RULE")
+    assert found.loc["RAW-AE-UNCODED", "MESSAGE"].endswith(HELD_BACK_NOTE)
+    assert not found.loc["RAW-CODELIST", "MESSAGE"].endswith(HELD_BACK_NOTE)
+    warnings = rules_run["quarantine"][rules_run["quarantine"]["SEVERITY"] == "WARNING"]
+    noted = warnings[warnings["MESSAGE"].str.endswith(HELD_BACK_NOTE)]
+    assert len(noted) < len(warnings)                    # mapped rows' warnings are left as they are
+    for row in noted.itertuples():
+        assert not in_sdtm(rules_run, row.SITEID, row.FILE, row.ROW)
 
 
 def test_unscheduled_visit_on_a_partial_date_keeps_its_visit_name(rules_run):

@@ -268,7 +268,9 @@ def check_record_rule(file, row, r, rule, flag):
         test = LAB["tests"].get(ALIASES.get(r["LBTEST"].upper()))
         if test is None or r["LBSTAT"]:
             return
-        if kind == "RAW-LB-UNIT" and r["LBORRESU"] not in test["units"]:
+        # spec section 6, HBV DNA: `IU/mL`, or `<LLOQ` style text (which needs no unit)
+        unitless_text = r["LBORRESU"] == "" and "unitless" in test and re.fullmatch(r"<\s*LLOQ", r["LBORRES"])
+        if kind == "RAW-LB-UNIT" and r["LBORRESU"] not in test["units"] and not unitless_text:
             flag(file, row, kind)
         elif kind == "RAW-LB-RESULT" and not lab_result_ok(test, r["LBORRES"]):
             flag(file, row, kind)
@@ -548,7 +550,7 @@ def test_every_alias_and_unit_is_used(clean):
         if r["LBTEST"].upper() in ALIASES and not r["LBSTAT"]:
             used[ALIASES[r["LBTEST"].upper()]].add(r["LBORRESU"])
     for code, test in LAB["tests"].items():
-        assert set(test["units"]) == used[code], code
+        assert set(test["units"]) | ({""} if "unitless" in test else set()) == used[code], code
     assert {"aPTT", "APTT"} <= {r["LBTEST"] for r in lb}
 
 

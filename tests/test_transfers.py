@@ -53,6 +53,8 @@ def _break_file(folder, name, data):
     ("missing_key", "TRF-MANIFEST", "missing key(s) encoding"),
     ("undecodable", "TRF-DECODE", "bytes are not valid utf-8"),
     ("bad_encoding", "TRF-ENCODING", "is not allowed"),
+    ("utf8_declared_gb18030", "TRF-DECODE", "reads as UTF-8 Chinese ('上呼吸道感染')"),
+    ("utf8_bom_declared_gb18030", "TRF-DECODE", "starts with a UTF-8 byte-order mark"),
     ("site_mismatch", "TRF-SITE", "does not match the folder site"),
     ("missing_column", "TRF-COLUMNS", "required column(s) AGE missing"),
     ("duplicate_column", "TRF-COLUMNS", "appear more than once"),
@@ -85,6 +87,12 @@ def test_rejected_newest_transfer_leaves_previous_current(tmp_path, breakage, ru
         rewrite("ae.csv", csv_bytes(one_subject_trial()["ae.csv"], SPEC_COLUMNS["ae.csv"]).replace(b"mild", b"m\xffld"))
     elif breakage == "bad_encoding":
         manifest["encoding"] = "latin-1"
+    elif breakage in ("utf8_declared_gb18030", "utf8_bom_declared_gb18030"):
+        # UTF-8 read as gb18030 decodes without error into other Chinese: 上呼吸道感染 became
+        # 涓婂懠鍚搁亾鎰熸煋 in AETERM, and a BOM became part of the first column's name.
+        manifest["encoding"] = "gb18030"
+        data = (folder / "ae.csv").read_bytes().replace(b"mild", "上呼吸道感染".encode())
+        rewrite("ae.csv", data if breakage == "utf8_declared_gb18030" else codecs.BOM_UTF8 + data)
     elif breakage == "site_mismatch":
         manifest["site"] = "02"
     elif breakage == "missing_column":
@@ -279,6 +287,32 @@ def test_a_manifest_cannot_name_a_file_outside_its_transfer_folder(tmp_path):
     assert result[("01", OLD)] == ("CURRENT", None)
     status, reason = result[("01", NEW)]
     assert status == "REJECTED" and 'file name(s) "../../unblinded/randomization.csv" are not plain names' in reason
+    assert not [f for f in opened if "randomization" in f]
+
+
+@pytest.mark.parametrize("linked", ["ae.csv", "manifest.json"])
+@pytest.mark.parametrize("newest", [True, False])
+def test_a_transfer_file_that_is_a_symbolic_link_is_never_followed(tmp_path, linked, newest):
+    """A link planted in a transfer led a blinded run into unblinded/: it opened the IWRS list
+    and published its header in the rejection reason. Links are refused unopened, in the newest
+    transfer and in an older one (whose checksums are verified every run)."""
+    secret = tmp_path / "unblinded" / "randomization.csv"
+    secret.parent.mkdir()
+    secret.write_text("RANDNO,SUBJID,TRTGRP,DOSE,RANDDAT\n")
+    folders = {name: write_transfer(tmp_path, "01", name, one_subject_trial()) for name in (OLD, NEW)}
+    folder = folders[NEW if newest else OLD]
+    target = folder / linked
+    target.unlink()
+    target.symlink_to(os.path.relpath(secret, folder))
+    if linked == "ae.csv":
+        rewrite_manifest(folder, lambda m: m["files"]["ae.csv"].update(
+            {"rows": 0, "sha256": hashlib.sha256(secret.read_bytes()).hexdigest()}))
+    with opened_files() as opened:
+        result = statuses(tmp_path)
+    status, reason = result[("01", folder.name)]
+    assert status == "REJECTED" and "symbolic link" in reason and "links are never followed" in reason
+    assert "RANDNO" not in reason and "randomization" not in reason
+    assert result[("01", OLD if newest else NEW)][0] == "CURRENT"
     assert not [f for f in opened if "randomization" in f]
 
 

@@ -1,6 +1,6 @@
 """--LOBXFL: last observation before exposure (SDTMIG 3.4; --BLFL is kept only for 3.3 readers).
 
-Per subject and test (plus any grouping such as specimen), the flag goes on the last record
+Per subject and test (plus any grouping such as the CSF specimen), the flag goes on the last record
 with a result (ORRES present, STAT not NOT DONE) whose date/time is on or before the first
 dose (RFXSTDTC). When both carry a time they compare as datetimes; a date-only record on the
 day of the first dose counts as pre-dose (sampling precedes dosing on Day 1). Partial dates
@@ -32,3 +32,10 @@ def last_observation_before_exposure(
     flag = pd.Series(pd.NA, index=frame.index, dtype="str")
     flag.loc[last] = "Y"
     return flag
+
+
+def apart_values(values: pd.Series, apart: list[str]) -> pd.Series:
+    """A grouping key that separates only the listed values: each of them is a group of its own,
+    every other value and null share one. The reference keeps CSF antibodies apart from serum
+    ones; a blood sample whose specimen the site left empty is still the same test's baseline."""
+    return values.where(values.isin(apart))

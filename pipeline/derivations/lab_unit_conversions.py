@@ -74,8 +74,22 @@ def _factor_of(keys: pd.Series, factors: dict) -> pd.Series:
     return keys.map(factors).astype("float64")
 
 
+def unit_is_known(codes: pd.Series, units: pd.Series, kinds: pd.Series) -> pd.Series:
+    """True where the reported unit is one of the test's, or where the unit is empty and the
+    result's form needs none (`<LLOQ` for HBV DNA; a number never borrows the standard unit)."""
+    unitless = {f"{code}|{kind}" for code, test in _tests().items() for kind in test.get("unitless", [])}
+    needs_none = units.isna() & (codes.astype("str") + "|" + kinds.astype("str")).isin(unitless)
+    return unit_factor(codes, units).notna() | needs_none
+
+
 def allowed_units(code: str) -> list[str]:
-    return list(_tests()[code]["units"])
+    """The units a test may be reported in, as a reader would write them."""
+    test = _tests()[code]
+    listed = [unit if unit else "(empty)" for unit in test["units"]]
+    return listed + [f"(empty) with a result such as {UNITLESS_EXAMPLE[kind]}" for kind in test.get("unitless", [])]
+
+
+UNITLESS_EXAMPLE = {"below_lloq": "<LLOQ"}
 
 
 @on_distinct_values

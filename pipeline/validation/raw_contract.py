@@ -255,12 +255,13 @@ def _lab_unit_rule() -> RawRule:
     def passes(p: Parsed) -> pd.Series:
         code = p.test_code()
         checked = code.notna() & (p.frame["LBORRES"].notna() | p.frame["LBORRESU"].notna())
-        return ~(checked & labs.unit_factor(code, p.frame["LBORRESU"]).isna())
+        return ~(checked & ~labs.unit_is_known(code, p.frame["LBORRESU"], p.result()["kind"]))
 
     def describe(rows):
         code = labs.lab_test_code(rows["LBTEST"])
-        return {"value": rows["LBORRESU"].fillna("(empty)"), "detail": rows["LBTEST"] + " (" + code + ")",
-                "expected": code.map(lambda c: ", ".join(u if u else "(empty)" for u in labs.allowed_units(c)))}
+        result = (" result '" + rows["LBORRES"] + "'").fillna("")
+        return {"value": rows["LBORRESU"].fillna("(empty)"), "detail": rows["LBTEST"] + " (" + code + ")" + result,
+                "expected": code.map(lambda c: ", ".join(labs.allowed_units(c)))}
 
     return RawRule("RAW-LB-UNIT", "LBORRESU", passes, describe)
 
@@ -490,4 +491,7 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
     extra.append(findings.for_rows("RAW-EXPANSION-DOSE", ex[dose_on_kit], column="EXDOSE"))
     extra.append(_death_without_fatal_ae(raw["mrs"][~held["mrs"]], raw["ae"][~held["ae"]]))
     validated = {name: rows_where(raw[name], ~held[name]) for name in metadata.RAW_FILES}
-    return validated, findings.combine([*by_file.values(), *extra])
+    coordinates = ["src_site", "src_transfer", "src_file", "src_row"]
+    held_rows = pd.concat([raw[name][coordinates][held[name].to_numpy()] for name in metadata.RAW_FILES],
+                          ignore_index=True)
+    return validated, findings.note_held_back(findings.combine([*by_file.values(), *extra]), held_rows)
