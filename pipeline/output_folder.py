@@ -63,15 +63,15 @@ class OutputFolder:
     # --- zone ----------------------------------------------------------------------------
     def recorded_zone(self) -> str | None:
         """The zone this folder belongs to, from its marker or its published run.json."""
-        marker = self.state / "zone"
-        if marker.is_file():
-            return marker.read_text(encoding="utf-8").strip()
-        summary = self.root / "run.json"
-        if summary.is_file():
-            try:
-                return json.loads(summary.read_text(encoding="utf-8")).get("zone")
-            except (OSError, ValueError):
-                return None
+        marker, summary = self.state / "zone", self.root / "run.json"
+        try:
+            if marker.is_file():
+                return marker.read_text(encoding="utf-8").strip()
+            if summary.is_file():
+                recorded = json.loads(summary.read_text(encoding="utf-8"))
+                return recorded.get("zone") if isinstance(recorded, dict) else None
+        except (OSError, ValueError):
+            return None
         return None
 
     def check(self, exports: Path) -> None:
@@ -83,7 +83,7 @@ class OutputFolder:
                                     "the pipeline never writes there")
         for outer in [*self.root.absolute().parents, *root.parents]:
             zone = OutputFolder(outer, self.zone).recorded_zone()
-            if zone is not None:
+            if zone in ZONES:   # another tool's run.json higher up is not an output folder
                 raise OutputFolderError(
                     f"output folder {self.root} is inside the {zone} output folder {outer}; an output folder "
                     "never nests in another (its releases would mix with the other's; use another --output folder)")

@@ -914,3 +914,20 @@ def test_disk_full_while_publishing(world, monkeypatch, capsys):
     assert run_cli("run", "--exports", str(world.newer), "--output", str(output), home=world.base / "enospc-home") == 0
     assert_clean(output)
     assert assert_one_set(output)["inputs"]["01"]["transfer"] == "20261124T230000"
+
+
+@pytest.mark.parametrize("content, refused", [
+    ('{"zone": "blinded", "studyid": "MESAE"}', True),      # a published output folder higher up
+    ('[1, 2]', False),                                      # another tool's run.json: not ours
+    ('{"zone": "us-east"}', False),
+    ('not json', False),
+])
+def test_an_output_folder_inside_another_is_refused_and_other_files_are_not_taken_for_one(tmp_path, content, refused):
+    (tmp_path / "run.json").write_text(content)
+    folder = OutputFolder(tmp_path / "nightly" / "out", "unblinded")
+    if refused:
+        with pytest.raises(OutputFolderError, match=re.escape(f"inside the blinded output folder {tmp_path}")):
+            folder.check(tmp_path / "exports")
+    else:
+        folder.check(tmp_path / "exports")
+        assert (tmp_path / "nightly" / "out").is_dir()
