@@ -74,6 +74,14 @@ class OutputFolder:
             return None
         return None
 
+    def check_zone(self) -> None:
+        """Refuses a folder the other zone has recorded as its own."""
+        recorded = self.recorded_zone()
+        if recorded is not None and recorded != self.zone:
+            raise OutputFolderError(
+                f"output folder {self.root} holds {recorded} outputs; the {self.zone} zone never writes there "
+                f"(use another --output folder)")
+
     def check(self, exports: Path) -> None:
         """Refuses a folder of the other zone, inside the exports root or inside another output
         folder (`<blinded>/sdtm` resolves into a blinded release), or holding foreign files."""
@@ -87,11 +95,7 @@ class OutputFolder:
                 raise OutputFolderError(
                     f"output folder {self.root} is inside the {zone} output folder {outer}; an output folder "
                     "never nests in another (its releases would mix with the other's; use another --output folder)")
-        recorded = self.recorded_zone()
-        if recorded is not None and recorded != self.zone:
-            raise OutputFolderError(
-                f"output folder {self.root} holds {recorded} outputs; the {self.zone} zone never writes there "
-                f"(use another --output folder)")
+        self.check_zone()
         for entry in PUBLISHED_ENTRIES:
             path = self.root / entry
             if (path.exists() or path.is_symlink()) and not path.is_symlink():
@@ -152,13 +156,12 @@ class OutputFolder:
                         "(two runs never write the same folder; try again when it has finished)") from None
                 time.sleep(0.2)
         # check() ran before the lock: another zone's run may have claimed the folder since.
-        recorded = self.recorded_zone()
-        if recorded is not None and recorded != self.zone:
+        try:
+            self.check_zone()
+        except OutputFolderError:
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
-            raise OutputFolderError(
-                f"output folder {self.root} holds {recorded} outputs; the {self.zone} zone never writes there "
-                f"(use another --output folder)")
+            raise
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")

@@ -393,6 +393,8 @@ def utf8_evidence(data: bytes) -> str | None:
     letters; a valid three-byte ideograph in every place is next to impossible)."""
     if data.startswith(codecs.BOM_UTF8):
         return "it starts with a UTF-8 byte-order mark"
+    if data.isascii():   # the same text in both encodings: nothing to tell apart, nothing to decode
+        return None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -77,9 +77,13 @@ def _factor_of(keys: pd.Series, factors: dict) -> pd.Series:
 def unit_is_known(codes: pd.Series, units: pd.Series, kinds: pd.Series) -> pd.Series:
     """True where the reported unit is one of the test's, or where the unit is empty and the
     result's form needs none (`<LLOQ` for HBV DNA; a number never borrows the standard unit)."""
+    return unit_factor(codes, units).notna() | _needs_no_unit(codes, units, kinds)
+
+
+@on_distinct_rows
+def _needs_no_unit(codes: pd.Series, units: pd.Series, kinds: pd.Series) -> pd.Series:
     unitless = {f"{code}|{kind}" for code, test in _tests().items() for kind in test.get("unitless", [])}
-    needs_none = units.isna() & (codes.astype("str") + "|" + kinds.astype("str")).isin(unitless)
-    return unit_factor(codes, units).notna() | needs_none
+    return units.isna() & (codes.astype("str") + "|" + kinds.astype("str")).isin(unitless)
 
 
 def allowed_units(code: str) -> list[str]:

@@ -492,6 +492,6 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
     extra.append(_death_without_fatal_ae(raw["mrs"][~held["mrs"]], raw["ae"][~held["ae"]]))
     validated = {name: rows_where(raw[name], ~held[name]) for name in metadata.RAW_FILES}
     coordinates = ["src_site", "src_transfer", "src_file", "src_row"]
-    held_rows = pd.concat([raw[name][coordinates][held[name].to_numpy()] for name in metadata.RAW_FILES],
+    held_rows = pd.concat([raw[name].loc[held[name].to_numpy(), coordinates] for name in metadata.RAW_FILES],
                           ignore_index=True)
     return validated, findings.note_held_back(findings.combine([*by_file.values(), *extra]), held_rows)
