@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -27,6 +28,14 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, as the contract asks
         raise UsageError(message)
+
+
+def seconds(text: str) -> float:
+    """A wait in seconds: `nan` would wait for ever, a negative one not at all."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(text)
+    return value
 
 
 def build_parser() -> Parser:
@@ -50,7 +59,7 @@ def build_parser() -> Parser:
     run.add_argument("--exports", required=True, type=Path, help="exports root (read only)")
     run.add_argument("--output", required=True, type=Path, help="output folder of this blinding zone")
     run.add_argument("--unblinded", action="store_true", help=f"unblinded zone (also {ZONE_ENV}=1)")
-    run.add_argument("--lock-timeout", type=float, default=30.0,
+    run.add_argument("--lock-timeout", type=seconds, default=30.0,
                      help="seconds to wait for another run on the same output folder (default 30)")
 
     trace = commands.add_parser("trace", help="print the raw row(s) an SDTM record came from")
@@ -157,12 +166,16 @@ def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: fl
     import dagster as dg
 
     from pipeline.automation import failure_guidance
-    from pipeline.definitions import JOB_NAME, build_definitions
     from pipeline.resources import ZoneError, check_instance_zone
 
     from sqlalchemy.exc import SQLAlchemyError
 
-    definitions = build_definitions(exports, output, zone, lock_timeout)
+    try:   # the module builds the code location's definitions from the environment as it loads
+        from pipeline.definitions import JOB_NAME, build_definitions
+
+        definitions = build_definitions(exports, output, zone, lock_timeout)
+    except ValueError as error:   # a schedule variable that is not one
+        raise UsageError(str(error)) from None
     job = definitions.resolve_job_def(JOB_NAME)
     # The instance's own storage failing (a read-only or full disk) is named in one line, as the
     # contract asks: before the run, an unusable invocation; during it, a failed run.

@@ -24,6 +24,10 @@ from pipeline.output_folder import zone_from_environment
 from pipeline.resources import AssetStore, StudySettings
 
 JOB_NAME = "mesae_nightly"
+# A run the schedule, the sensor or the UI starts has nobody to start it again if it gives up: it
+# waits for the run before it (the 02:00 run and a new transfer's run, say) rather than failing
+# after the 30 s `mesae run` waits for at a terminal. The launchpad can set another wait.
+CODE_LOCATION_LOCK_TIMEOUT = 4 * 3600.0
 DEFAULT_EXPORTS = "demo/exports"
 DEFAULT_OUTPUT = "demo/output"
 
@@ -54,4 +58,4 @@ def build_definitions(exports: str | Path, output: str | Path, zone: str = "blin
 
 tune_for_pipeline_process()
 defs = build_definitions(os.environ.get("MESAE_EXPORTS", DEFAULT_EXPORTS), os.environ.get("MESAE_OUTPUT", DEFAULT_OUTPUT),
-                         zone_from_environment())
+                         zone_from_environment(), CODE_LOCATION_LOCK_TIMEOUT)

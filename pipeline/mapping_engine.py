@@ -390,6 +390,17 @@ UNBLINDED_SOURCES = {"arm": ["randomization.TRTGRP"], "treatment_name": ["random
                      "dose": ["randomization.DOSE"]}
 
 
+def implied_sources(algorithm: str | None) -> list[tuple[str, str]]:
+    """What an algorithm reads besides its `source`, for the auditors' lineage: an unscheduled
+    visit is numbered among the dated visits of every file, and the data cut-off is the manifest's
+    export time (`exported_at`, kept in raw/transfer_inventory)."""
+    if algorithm == "visit_number":
+        return sorted({(f, c) for f, visit, date in metadata.visit_columns() for c in ("SUBJID", visit, date)})
+    if algorithm == "data_cutoff":
+        return [("transfer_inventory", "EXPORTED_AT")]
+    return []
+
+
 # Keys each algorithm understands besides `algorithm`, `source` and `note`; anything else in a
 # mapping is a typo that would otherwise be ignored silently.
 PARAMETERS = {
@@ -558,6 +569,7 @@ def column_lineage(mapping: dict, zone: str) -> dict[str, list[tuple[str, str]]]
         out += [(file, c) if "." not in c else tuple(c.split(".", 1)) for c in _condition_columns(spec.get("when"))]
         if "default" in spec:
             out += refs(spec["default"], file)
+        out += implied_sources(spec.get("algorithm"))
         if zone == "unblinded":
             out += [tuple(r.split(".", 1)) for r in UNBLINDED_SOURCES.get(spec.get("algorithm"), [])]
         return out

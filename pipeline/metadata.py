@@ -72,6 +72,13 @@ def raw_schema(name: str) -> dict:
     return load_yaml(f"schemas/raw/{name}.yaml")
 
 
+def visit_columns() -> list[tuple[str, str, str]]:
+    """(raw file, visit column, its date column) of every visit-bearing file (schemas/raw: kind
+    visit with `date`): unscheduled visits are numbered across all of them."""
+    return [(name, column, spec["date"]) for name in RAW_FILES
+            for column, spec in raw_schema(name)["columns"].items() if spec.get("kind") == "visit" and spec.get("date")]
+
+
 def sdtm_schema(dataset: str) -> dict:
     return load_yaml(f"schemas/sdtm/{dataset}.yaml")
 

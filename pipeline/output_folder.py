@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -137,8 +138,9 @@ class OutputFolder:
         finally:
             self.release()
 
-    def acquire(self, timeout_seconds: float) -> None:
-        """Waits up to `timeout_seconds` for the folder's lock; OutputFolderBusy after that."""
+    def acquire(self, timeout_seconds: float, waiting: Callable[[str], None] | None = None) -> None:
+        """Waits up to `timeout_seconds` for the folder's lock; OutputFolderBusy after that.
+        `waiting` hears once that the run waits, and for whom (a run in the UI shows why it idles)."""
         self.state.mkdir(parents=True, exist_ok=True)
         handle = open(self.state / "lock", "a+", encoding="utf-8")
         deadline = time.monotonic() + timeout_seconds
@@ -147,6 +149,11 @@ class OutputFolder:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if waiting is not None:
+                    handle.seek(0)
+                    waiting(f"output folder {self.root} is being written by {handle.read().strip() or 'another process'}; "
+                            f"waiting up to {timeout_seconds:g} s for it to finish")
+                    waiting = None
                 if time.monotonic() >= deadline:
                     handle.seek(0)
                     holder = handle.read().strip() or "another process"

@@ -70,7 +70,7 @@ class StudySettings(dg.ConfigurableResource):
         folder = self.output
         folder.check(self.exports)
         folder.claim()
-        folder.acquire(self.lock_timeout_seconds)
+        folder.acquire(self.lock_timeout_seconds, context.log.info if context.log else None)
         removed = folder.clean_leftovers()
         if removed and context.log:
             context.log.info(f"removed leftovers of unfinished runs: {', '.join(removed)}")

@@ -151,6 +151,9 @@ def read_manifest(transfer: Transfer) -> bool:
     if not _valid_folder_time(transfer.name):
         transfer.problem("TRF-FOLDER", detail=transfer.name)
         return False
+    if folder_time(transfer.name) > datetime.now(timezone.utc) + EXPORT_TIME_TOLERANCE:
+        transfer.problem("TRF-FUTURE", value=transfer.name, expected=f"{EXPORT_TIME_TOLERANCE.seconds // 60} minutes")
+        return False
     path = transfer.path / MANIFEST
     if path.is_symlink():
         transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=f"manifest.json is {NOT_FOLLOWED}")
@@ -518,6 +521,7 @@ def _parse(body: bytes) -> tuple[list[str] | None, list[pa.Array], list[tuple[in
     """
     if not body.strip(b"\r\n"):
         return None, [], []
+    _refuse_stray_quote(body)
     width = _header_width(body)
     convert = pacsv.ConvertOptions(
         column_types={f"f{i}": pa.string() for i in range(width)},
@@ -532,6 +536,30 @@ def _parse(body: bytes) -> tuple[list[str] | None, list[pa.Array], list[tuple[in
     header = [str(v) if v is not None else "" for v in table.slice(0, 1).to_pylist()[0].values()]
     columns = [table.column(i).slice(1).combine_chunks() for i in range(width)]
     return header, columns, []
+
+
+# In RFC 4180 a quote either delimits a quoted field (after a comma or line break, or before one)
+# or is doubled inside it: one between two other characters is neither. Arrow's reader keeps
+# `"Sore" throat` as `Sore throat`, Python's csv module keeps `ab"cd` as it is; both would
+# change or guess a value, so the file is refused.
+_QUOTE_NEIGHBOURS = np.frombuffer(b',\r\n"', dtype=np.uint8)
+
+
+def _refuse_stray_quote(body: bytes) -> None:
+    if b'"' not in body:
+        return
+    data = np.frombuffer(body, dtype=np.uint8)
+    quotes = np.flatnonzero(data == ord('"'))
+    quotes = quotes[(quotes > 0) & (quotes < data.size - 1)]
+    stray = quotes[~np.isin(data[quotes - 1], _QUOTE_NEIGHBOURS) & ~np.isin(data[quotes + 1], _QUOTE_NEIGHBOURS)]
+    if stray.size:
+        at = int(stray[0])
+        line_start, line_end = body.rfind(b"\n", 0, at) + 1, body.find(b"\n", at)
+        near = body[max(line_start, at - 15): min(line_end if line_end >= 0 else len(body), at + 15)]
+        line = body.count(b"\n", 0, at) + 1
+        raise csv.Error(f"line {line}: a quote inside a field that is not quoted, or text "
+                        f"after a closing quote (near '{findings.printable(near.decode('utf-8', errors='replace'))}'); "
+                        "expected a field that holds a quote to be quoted as a whole, with the quote doubled (RFC 4180)")
 
 
 def _header_width(body: bytes) -> int:

@@ -119,6 +119,11 @@ def oracle(text: str, strict: bool) -> list[list[str]] | None:
             return None
 
 
+# RFC 4180: a quote delimits a quoted field or is doubled inside one; one with another character
+# on each side is neither (`"Sore" throat`, `ab"cd`), and the file is refused.
+STRAY_QUOTE = re.compile(r'[^,\r\n"]"[^,\r\n"]')
+
+
 def decoded(data: bytes, encoding: str) -> str | None:
     try:
         return data.decode("utf-8-sig" if encoding == "utf-8" else "gb18030").removeprefix("\ufeff")
@@ -146,8 +151,10 @@ def check_reader(data: bytes, encoding: str) -> None:
         assert text is not None, "undecodable bytes accepted by the decoder"
         records = oracle(text, strict=False)
         if problem["RULE"] == "TRF-CSV":
-            # only an empty file, or one the csv module itself refuses in strict mode, may be refused
-            assert not records or oracle(text, strict=True) is None, (problem["MESSAGE"], records[:3])
+            # only an empty file, one the csv module itself refuses in strict mode, or one with a
+            # stray quote may be refused
+            assert not records or oracle(text, strict=True) is None or STRAY_QUOTE.search(text), (
+                problem["MESSAGE"], records[:3])
         else:
             names = [h.strip().upper() for h in records[0]]
             repeated_spec_column = any(names.count(c) > 1 for c in SCHEMA["columns"])
@@ -156,6 +163,7 @@ def check_reader(data: bytes, encoding: str) -> None:
 
     assert text is not None, "undecodable bytes were read"
     assert not transfer.problems, transfer.problems
+    assert not STRAY_QUOTE.search(text), "a stray quote was read as data"
     records = oracle(text, strict=False)
     assert records, "a file without records was read"
     header, data_records = records[0], records[1:]
@@ -194,6 +202,8 @@ def check_reader(data: bytes, encoding: str) -> None:
 @example((b'A,B\n"1,2\n3,4\n', "utf-8"))  # quote never closed
 @example((b"A,B\n\x00,\x00\n", "utf-8"))
 @example((b'A,B\n"a\r\nb",2\r3,4\n', "utf-8"))
+@example((b'A,B\n"Sore" throat,1\n', "utf-8"))   # text after a closing quote
+@example((b'A,B\nab"cd,1\n', "utf-8"))            # a quote in a field that is not quoted
 @example(("A,数据\r\n头痛,\r\n".encode("gb18030"), "gb18030"))
 def test_csv_reader_accounts_for_every_record_or_rejects_the_file(document):
     """read_csv_file never raises and never loses a record silently (site-export-spec.md 4)."""

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.assets.raw import INVENTORY_COLUMNS
 from pipeline.definitions import build_definitions
 from pipeline.metadata import RAW_FILES, package_code_digest
 
@@ -170,10 +171,27 @@ def test_column_lineage_covers_every_mapped_variable(instance, materializations,
             assert key in materialized, f"{dataset}.{variable} depends on {key}, which the run did not materialize"
             if key == "sdtm/dm":
                 assert column in sdtm_variables("dm"), f"{dataset}.{variable}: DM has no {column}"
+            elif key == "raw/transfer_inventory":
+                assert column in INVENTORY_COLUMNS, f"{dataset}.{variable}: the transfer inventory has no {column}"
             else:
                 assert key.startswith("raw/") and "randomization" not in key, f"{dataset}.{variable}: {key}"
                 assert column in raw_columns(key.removeprefix("raw/")), \
                     f"{dataset}.{variable}: {key} has no column {column}"
+
+
+@pytest.mark.parametrize("dataset, variable, inputs", [
+    # an unscheduled visit's number counts the dated visits of the subject in ex, lb and mrs (spec 2)
+    ("lb", "VISITNUM", {("raw/ex", "EXSTDAT"), ("raw/mrs", "MRSDAT"), ("raw/mrs", "VISIT"), ("raw/lb", "LBDAT")}),
+    ("qs", "VISITNUM", {("raw/ex", "EXSTDAT"), ("raw/lb", "LBDAT"), ("raw/lb", "VISIT")}),
+    ("ex", "VISIT", {("raw/lb", "LBDAT"), ("raw/mrs", "MRSDAT")}),
+    # the end of an ongoing AE is the data cut-off, the date of the manifest's exported_at
+    ("ae", "AEENTPT", {("raw/transfer_inventory", "EXPORTED_AT"), ("raw/ae", "AEONGO")}),
+])
+def test_column_lineage_names_inputs_read_from_other_files(materializations, dataset, variable, inputs):
+    """Auditors read the lineage as every input that can change a value: a changed mrs.csv date
+    renumbers an LB record's unscheduled visit, a changed exported_at moves AEENTPT."""
+    deps = materializations[dataset].metadata["dagster/column_lineage"].lineage.deps_by_column[variable]
+    assert inputs <= {(d.asset_key.to_user_string(), d.column_name) for d in deps}
 
 
 def markdown_rows(markdown: str) -> list[dict[str, str]]:

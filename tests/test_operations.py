@@ -224,7 +224,7 @@ def test_empty_schedule_variables_mean_the_default(tmp_path, monkeypatch):
 
 def test_invalid_schedule_is_refused_when_the_definitions_load(tmp_path, monkeypatch):
     monkeypatch.setenv("MESAE_SCHEDULE_CRON", "every night")
-    with pytest.raises(dg.DagsterInvalidDefinitionError, match="every night"):
+    with pytest.raises(ValueError, match="MESAE_SCHEDULE_CRON='every night' .* is not a schedule"):
         build_definitions(tmp_path / "e", tmp_path / "o")
 
 
@@ -413,6 +413,24 @@ def test_an_unusable_dagster_home_is_refused_in_one_line(tmp_path, capsys, monke
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     err = refused(capsys, "--exports", tmp_path / "exports", "--output", tmp_path / "out")
     assert f"the Dagster instance folder {home} cannot be used" in err and "set DAGSTER_HOME" in err
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+@pytest.mark.parametrize("flag, environment, says", [
+    (["--lock-timeout", "nan"], {}, "argument --lock-timeout: invalid seconds value: 'nan'"),   # waited for ever
+    (["--lock-timeout", "-5"], {}, "argument --lock-timeout: invalid seconds value: '-5'"),
+    ([], {"MESAE_SCHEDULE_CRON": "0 2 * *"}, "MESAE_SCHEDULE_CRON='0 2 * *' with MESAE_SCHEDULE_TIMEZONE="),
+    ([], {"MESAE_SCHEDULE_TIMEZONE": "China/Beijing"}, "MESAE_SCHEDULE_TIMEZONE='China/Beijing' is not a schedule"),
+])
+def test_a_bad_setting_is_refused_in_one_line(tmp_path, capsys, monkeypatch, flag, environment, says):
+    """Contract section 1: a bad flag is an unusable invocation (exit 2, one line); so is a schedule
+    variable the code location cannot build (it was a 30-line traceback and exit 1)."""
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    write_transfer(tmp_path / "exports", "01", T1, one_subject_trial("01"))
+    err = refused(capsys, "--exports", tmp_path / "exports", "--output", tmp_path / "out", *flag)
+    assert says in err
     assert not (tmp_path / "out" / "run.json").exists()
 
 

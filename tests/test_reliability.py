@@ -636,6 +636,25 @@ def test_lock_waits_then_names_the_folder_and_holder(tmp_path):
     waiting.release()
 
 
+def test_a_run_of_the_code_location_waits_for_the_run_before_it_and_says_so(tmp_path):
+    """A sensor's run that gave up after 30 s behind the nightly run was never started again: runs
+    of the code location wait hours, and their log says for whom."""
+    import threading
+
+    from pipeline.definitions import CODE_LOCATION_LOCK_TIMEOUT, defs
+
+    assert defs.resources["settings"].lock_timeout_seconds == CODE_LOCATION_LOCK_TIMEOUT >= 3600
+    holder = OutputFolder(tmp_path / "out", "blinded")
+    holder.acquire(1)
+    heard = []
+    threading.Timer(1.0, holder.release).start()
+    follower = OutputFolder(tmp_path / "out", "blinded")
+    follower.acquire(30, heard.append)   # taken once the holder is done
+    follower.release()
+    assert heard == [f"output folder {tmp_path / 'out'} is being written by pid {os.getpid()} since "
+                     f"{heard[0].split(' since ')[1].split(';')[0]}; waiting up to 30 s for it to finish"]
+
+
 def test_replaced_asset_files_are_gone_at_the_end_of_the_run_or_at_the_next_one(tmp_path):
     """AssetStore.save sets the old file aside and deletes it in the background; the run's end
     waits for that, and a run killed before it leaves the file to the next run's cleanup."""

@@ -360,3 +360,81 @@ def test_a_value_with_control_characters_is_shown_on_one_line():
 
     message = render("RAW-CODELIST", file="lb.csv", row=3, column="LBSTAT", value="NOT\x00DONE\r\n", expected="NOT DONE")
     assert message.isprintable() and "NOT\\x00DONE\\r\\n" in message, message
+
+
+@pytest.fixture(scope="module")
+def clean_raw_trial(tmp_path_factory):
+    """The six raw files of a small trial without planted findings, read by the real ingest."""
+    from pipeline import transfers
+    from pipeline.synthetic_trial import generate_trial
+
+    root = tmp_path_factory.mktemp("doses")
+    trial = generate_trial(root, subjects=12, transfers=1, plant_findings=False)
+    current = [t for t in transfers.select_current(transfers.list_transfers(root)) if t.status == "CURRENT"]
+    raw = {name: transfers.stack_transfers([t.files[metadata.raw_schema(name)["file"]].data for t in current])
+           for name in metadata.RAW_FILES}
+    return trial, raw
+
+
+def doses_of(raw, subjid):
+    ex = raw["ex"]
+    return ex[(ex["SUBJID"] == subjid) & ex["EXYN"].str.upper().isin(["Y", "YES"])]
+
+
+@pytest.mark.parametrize("visit, whole_subject", [
+    ("DAY 1", True),    # the first dose: study day 1 and every --DY, EPOCH and baseline follow from it
+    ("DAY 28", True),   # the last dose: RFXENDTC, and where the follow-up epoch begins
+    ("DAY 3", False),   # between two mapped doses: it cannot move the reference dates
+])
+def test_a_held_back_dose_that_may_be_the_first_or_last_holds_back_its_subject(clean_raw_trial, visit, whole_subject):
+    from pipeline.validation.raw_contract import validate_raw
+
+    trial, clean = clean_raw_trial
+    raw = {name: frame.copy() for name, frame in clean.items()}
+    subjects = trial.subjects
+    treated = [s for s in subjects.loc[subjects["ENRLFL"] == "Y", "SUBJID"]
+               if set(doses_of(raw, s)["VISIT"]) >= {"DAY 1", "DAY 3", "DAY 28"}]
+    subjid, bystander = treated[0], treated[1]
+    dose = doses_of(raw, subjid)
+    target = dose.index[dose["VISIT"] == visit][0]
+    raw["ex"].loc[target, "EXSTTIM"] = "9:00"     # not HH:MM: RAW-TIME holds the record back
+    validated, found = validate_raw(raw)
+
+    bad_row = int(raw["ex"].loc[target, "src_row"])
+    assert set(found.loc[(found["FILE"] == "ex.csv") & (found["ROW"] == bad_row), "RULE"]) == {"RAW-TIME"}
+    held = found[found["RULE"] == "RAW-SUBJECT-HELD"]
+    for name in metadata.RAW_FILES:
+        mine = raw[name]["SUBJID"] == subjid
+        kept = validated[name]["SUBJID"] == subjid
+        if whole_subject:
+            assert mine.any() and not kept.any(), name
+            rows = held[held["FILE"] == metadata.raw_schema(name)["file"]]
+            expected = set(raw[name].loc[mine, "src_row"]) - ({bad_row} if name == "ex" else set())
+            assert set(rows.loc[rows["SUBJID"] == subjid, "ROW"]) == expected, name
+        else:
+            assert kept.sum() == mine.sum() - (name == "ex"), name
+        assert (validated[name]["SUBJID"] == bystander).sum() == (raw[name]["SUBJID"] == bystander).sum(), name
+    if whole_subject:
+        assert held["MESSAGE"].str.contains(f"its dose record at ex.csv row {bad_row} is held back").all()
+    else:
+        assert held.empty
+
+
+def test_a_required_text_of_spaces_alone_is_empty(clean_raw_trial):
+    """Spec section 5: `Req` = present and non-empty; " " is no verbatim term."""
+    from pipeline.validation.raw_contract import validate_raw
+
+    _, clean = clean_raw_trial
+    raw = {name: frame.copy() for name, frame in clean.items()}
+    ae = raw["ae"]
+    ae.loc[ae.index[0], "AETERM"], ae.loc[ae.index[1], "AESPID"] = "   ", " \t"
+    ae.loc[ae.index[2], "AETERM"] = " 头痛 "   # text with spaces around it is a value
+    validated, found = validate_raw(raw)
+    site = str(ae["src_site"].iloc[0])
+    required = found[(found["RULE"] == "RAW-REQUIRED") & (found["FILE"] == "ae.csv") & (found["SITEID"] == site)]
+    rows = ae["src_row"].iloc[:3].tolist()
+    assert sorted(zip(required["ROW"], required["MESSAGE"])) == sorted([
+        (rows[0], f"ae.csv row {rows[0]}: AETERM is empty; it is required on every row"),
+        (rows[1], f"ae.csv row {rows[1]}: AESPID is empty; it is required on every row")])
+    kept = set(validated["ae"].index)
+    assert ae.index[0] not in kept and ae.index[1] not in kept and ae.index[2] in kept

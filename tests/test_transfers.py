@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import run_cli
 from pipeline import transfers
+from pipeline.automation import complete_new_transfers
 from site_exports import SPEC_COLUMNS, csv_bytes, one_subject_trial, write_transfer
 
 OLD, NEW = "20261122T220000", "20261123T220005"
@@ -498,3 +500,40 @@ def test_the_iwrs_list_is_not_told_to_fix_a_manifest_it_does_not_have():
     assert transfers.decode(transfer, "randomization.csv", "RANDNO,TRTGRP\n1,安慰剂\n".encode("gb18030")) is None
     message = transfer.problems[0]["MESSAGE"]
     assert "(it reads as gb18030)" in message and "manifest" not in message, message
+
+
+@pytest.mark.parametrize("line, near", [
+    ('01-002,1981,46,M,"ASIAN" ,,2026-02-21', '"ASIAN" ,'),      # text after a closing quote
+    ('01-002,1981,46,M,AS"IAN,,2026-02-21', 'AS"IAN'),           # a quote in a field that is not quoted
+    ('01-002,1981,46,M, "ASIAN",,2026-02-21', ' "ASIAN"'),       # a space before the opening quote
+])
+def test_a_stray_quote_rejects_the_transfer_instead_of_changing_a_value(tmp_path, line, near):
+    """RFC 4180 (spec section 4): Arrow's reader took `"ASIAN" ,` for `ASIAN ` and `AS"IAN` as it is."""
+    data = f"SUBJID,BRTHDAT,AGE,SEX,RACE,ETHNIC,RFICDAT\n01-001,1980,45,F,ASIAN,,2026-02-20\n{line}\n".encode()
+    write_transfer(tmp_path, "01", OLD, one_subject_trial())
+    write_transfer(tmp_path, "01", NEW, one_subject_trial(), raw_files={"dm.csv": data})
+    status, reason = statuses(tmp_path)[("01", NEW)]
+    assert status == "REJECTED" and statuses(tmp_path)[("01", OLD)][0] == "CURRENT"
+    assert "dm.csv: not a readable CSV file: line 3: a quote inside a field that is not quoted" in reason
+    assert "(near '" in reason and near in reason.split("(near '")[1]
+
+
+@pytest.mark.parametrize("ahead, accepted", [
+    (timedelta(minutes=-5), True), (timedelta(minutes=50), True),   # a site clock a little fast
+    (timedelta(hours=2), False), (timedelta(days=365), False),
+])
+def test_a_transfer_dated_ahead_of_the_clock_is_rejected(tmp_path, ahead, accepted):
+    """Spec section 3: the folder is the UTC time of an export. One dated next year would
+    otherwise stay CURRENT over every real transfer of the site until then."""
+    name = (datetime.now(timezone.utc) + ahead).strftime("%Y%m%dT%H%M%S")
+    write_transfer(tmp_path, "01", OLD, one_subject_trial())
+    write_transfer(tmp_path, "01", name, one_subject_trial())
+    status, reason = statuses(tmp_path)[("01", name)]
+    assert status == ("CURRENT" if accepted else "REJECTED"), reason
+    if not accepted:
+        assert reason == (f"transfer folder {name} names an export time more than 60 minutes ahead of the clock when "
+                          "it was read; expected the UTC time of an export that has happened (a folder dated ahead "
+                          "would stay CURRENT, and date every ongoing AE, until then)")
+        assert statuses(tmp_path)[("01", OLD)][0] == "CURRENT"
+        _, found, waiting = complete_new_transfers(tmp_path, {})
+        assert found == [f"01/{OLD}"] and waiting == [f"site-01/{name} ({reason})"]

@@ -30,6 +30,15 @@ TRACEABILITY_KEY = dg.AssetKey(["reports", "traceability"])
 PUBLICATION_KEY = dg.AssetKey(["reports", "publication"])
 
 
+def source_text(file: str, column: str) -> str:
+    """Where a lineage pair comes from, as a site data manager names it."""
+    if file == "sdtm/dm":
+        return f"DM.{column}"
+    if file == "transfer_inventory":
+        return f"manifest.json {column.lower()}"
+    return f"{file}.csv {column}"
+
+
 def traceability_matrix(zone: str) -> pd.DataFrame:
     """Variable -> source columns and algorithm, for every dataset, from the mapping files."""
     rows = []
@@ -38,13 +47,12 @@ def traceability_matrix(zone: str) -> pd.DataFrame:
         lineage = column_lineage(mapping, zone)
         labels = {v["name"]: v["label"] for v in dataset_schema(mapping["dataset"])["variables"]}
         for variable, spec in mapping["variables"].items():
-            sources = [f"{file}.csv {column}" if file not in ("sdtm/dm",) else f"DM.{column}"
-                       for file, column in lineage.get(variable, [])]
+            sources = [source_text(file, column) for file, column in lineage.get(variable, [])]
             rows.append({"DATASET": mapping["dataset"].upper(), "VARIABLE": variable, "LABEL": labels.get(variable),
                          "ALGORITHM": spec["algorithm"], "SOURCES": ", ".join(sources) or "(assigned)",
                          "NOTE": spec.get("note")})
         for qualifier in mapping.get("supplemental", {}).get("qualifiers", []):
-            sources = [f"{file}.csv {column}" for file, column in qualifier_lineage(mapping, qualifier, zone)]
+            sources = [source_text(file, column) for file, column in qualifier_lineage(mapping, qualifier, zone)]
             rows.append({"DATASET": mapping["supplemental"]["dataset"].upper(), "VARIABLE": f"QVAL ({qualifier['qnam']})",
                          "LABEL": qualifier["qlabel"], "ALGORITHM": qualifier["value"]["algorithm"],
                          "SOURCES": ", ".join(sources), "NOTE": None})

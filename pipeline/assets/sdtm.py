@@ -55,23 +55,14 @@ def _walk(spec, found: dict) -> None:
             _walk(value, found)
 
 
-def visit_files() -> list[str]:
-    """Raw files whose records carry a visit and its date (schemas/raw: kind visit with `date`)."""
-    return [name for name in metadata.RAW_FILES
-            if any(s.get("kind") == "visit" and s.get("date") for s in metadata.raw_schema(name)["columns"].values())]
-
-
 def dated_visits(validated: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """SUBJID, VISIT and ISO date of every visit-bearing record."""
     parts = []
-    for name in visit_files():
-        for column, spec in metadata.raw_schema(name)["columns"].items():
-            if spec.get("kind") == "visit" and spec.get("date"):
-                frame = validated[name][["SUBJID", column, spec["date"]]]
-                # drop_duplicates, on the factorization codes the mapping shares
-                frame = frame.take(distinct_rows([frame[c] for c in frame.columns])[1])
-                parts.append(pd.DataFrame({"SUBJID": frame["SUBJID"], "VISIT": frame[column],
-                                           "DTC": site_date_to_iso(frame[spec["date"]])}))
+    for name, column, date in metadata.visit_columns():
+        frame = validated[name][["SUBJID", column, date]]
+        # drop_duplicates, on the factorization codes the mapping shares
+        frame = frame.take(distinct_rows([frame[c] for c in frame.columns])[1])
+        parts.append(pd.DataFrame({"SUBJID": frame["SUBJID"], "VISIT": frame[column], "DTC": site_date_to_iso(frame[date])}))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -85,7 +76,7 @@ def mapping_inputs(mapping: dict, zone: str) -> dict[str, dg.AssetKey]:
     if "dm" in found["prefixes"] and not is_dm:
         ins["sdtm_dm"] = sdtm_key("dm")
     if "visit_number" in found["algorithms"]:   # unscheduled visits are numbered across every visit file
-        ins.update({f"validated_{f}": VALIDATED_KEYS[f] for f in visit_files()})
+        ins.update({f"validated_{f}": VALIDATED_KEYS[f] for f, _, _ in metadata.visit_columns()})
     if zone == "unblinded" and found["algorithms"] & set(UNBLINDED_SOURCES):
         ins["randomization"] = VALIDATED_RANDOMIZATION_KEY
     ins["transfer_inventory"] = INVENTORY_KEY
@@ -110,6 +101,8 @@ def lineage_asset(file_or_asset: str) -> dg.AssetKey:
         return sdtm_key("dm")
     if file_or_asset == "randomization":
         return RANDOMIZATION_KEY
+    if file_or_asset == "transfer_inventory":
+        return INVENTORY_KEY
     return RAW_KEYS[file_or_asset]
 
 

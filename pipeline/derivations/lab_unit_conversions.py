@@ -153,9 +153,9 @@ def _number(text: pd.Series) -> pd.Series:
     return pd.to_numeric(text, errors="coerce").astype("float64")
 
 
-def format_number(values: pd.Series) -> pd.Series:
-    """Shortest text of each number after rounding to 10 significant digits (kills float noise);
-    infinities are null."""
+def significant(values: pd.Series) -> np.ndarray:
+    """Each number rounded to 10 significant digits (kills float noise: 1.5 x 17.2 is 25.8, not
+    25.799999999999997); infinities are NaN."""
     x = values.to_numpy(dtype="float64", na_value=np.nan)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         magnitude = np.floor(np.log10(np.abs(np.where(x == 0, 1.0, x))))
@@ -165,7 +165,12 @@ def format_number(values: pd.Series) -> pd.Series:
     # From 1e10 up, or below 1e-12, the scale is not exact in binary: round those few through text.
     extreme = np.flatnonzero(np.isfinite(x) & ~scalable)
     rounded[extreme] = [r if np.isfinite(r := float(f"{v:.10g}")) else v for v in x[extreme]]
-    return arrow_text(pa.array(rounded, from_pandas=True).cast(pa.string()), values.index)
+    return rounded
+
+
+def format_number(values: pd.Series) -> pd.Series:
+    """Shortest text of each number after rounding to 10 significant digits; infinities are null."""
+    return arrow_text(pa.array(significant(values), from_pandas=True).cast(pa.string()), values.index)
 
 
 def censored_beyond(operator: pd.Series, bound: pd.Series, low, high) -> tuple[pd.Series, pd.Series]:

@@ -17,8 +17,9 @@ import pandera.pandas as pa
 
 from pipeline import findings, metadata
 from pipeline.derivations.distinct_values import in_set, lookup
-from pipeline.derivations.iso_dates import date_part, site_date_to_iso
-from pipeline.derivations.lab_unit_conversions import censored_beyond, censored_parts, format_number
+from pipeline.derivations.iso_dates import partial_date_bounds, site_date_to_iso
+from pipeline.derivations.lab_unit_conversions import (censored_beyond, censored_parts, format_number,
+                                                        significant)
 from pipeline.derivations.sequence import sort_by_keys
 from pipeline.derivations.visits import schedule
 from pipeline.validation.pandera_failures import placed_failures
@@ -37,6 +38,11 @@ class ProtocolCheck:
 
 def _fmt(values: pd.Series) -> pd.Series:
     return format_number(values).fillna("")
+
+
+def as_reported(limit: pd.Series) -> pd.Series:
+    """A computed limit at the precision of LBSTRESN: a result of exactly 1.5 x ULN is not above it."""
+    return pd.Series(significant(limit), index=limit.index)
 
 
 def _lab_checks(item: dict) -> ProtocolCheck:
@@ -63,12 +69,14 @@ def _lab_checks(item: dict) -> ProtocolCheck:
         breach = lambda f: rows(f) & beyond(f, no_limit, limit(f, "max", "max_on_anticoagulant"))[1]  # noqa: E731
     elif kind == "lab_max_uln":
         breach = lambda f: rows(f) & beyond(  # noqa: E731
-            f, no_limit, limit(f, "max_uln", "max_uln_on_anticoagulant") * f["LBSTNRHI"])[1]
+            f, no_limit, as_reported(limit(f, "max_uln", "max_uln_on_anticoagulant") * f["LBSTNRHI"]))[1]
     elif kind == "lab_negative":
         breach = lambda f: rows(f) & f["LBSTRESC"].eq("POSITIVE")  # noqa: E731
     elif kind == "hbv_core_with_dna":
         def breach(f):
-            detectable = f["LBTESTCD"].eq(item["dna_test"]) & (f["LBSTRESN"] > 0)
+            # Above the upper limit of quantification (`>1.7E8`) is detected too; `<LLOQ` is not.
+            above = f["ctx_censored_operator"].isin([">", ">="]).fillna(False).astype(bool)
+            detectable = f["LBTESTCD"].eq(item["dna_test"]) & ((f["LBSTRESN"] > 0).fillna(False) | above)
             with_dna = f.loc[detectable.fillna(False), "USUBJID"]
             return rows(f) & f["LBSTRESC"].eq("POSITIVE") & in_set(f["USUBJID"], with_dna)
     else:
@@ -105,9 +113,12 @@ def build_checks() -> list[ProtocolCheck]:
                 + f["QSORRES"].astype("str"))))
         elif kind == "diagnosis_delay":
             def breach(f, i=item):
-                onset, diagnosis = date_part(site_date_to_iso(f["ONSETDAT"])), date_part(site_date_to_iso(f["DIAGDAT"]))
-                latest = onset + pd.DateOffset(months=i["max_months"])
-                return (diagnosis > latest).fillna(False)
+                # Partial dates count only when every day they may be breaks the limit (nothing imputed):
+                # the earliest diagnosis after the latest onset plus the allowed months.
+                latest_onset = partial_date_bounds(site_date_to_iso(f["ONSETDAT"]))[1]
+                earliest_diagnosis = partial_date_bounds(site_date_to_iso(f["DIAGDAT"]))[0]
+                allowed = pd.to_datetime(latest_onset, format="%Y-%m-%d", errors="coerce") + pd.DateOffset(months=i["max_months"])
+                return (pd.to_datetime(earliest_diagnosis, format="%Y-%m-%d", errors="coerce") > allowed).fillna(False)
             checks.append(ProtocolCheck(item, "enrol", breach, lambda f: (
                 "onset " + site_date_to_iso(f["ONSETDAT"]).fillna("?") + ", diagnosis "
                 + site_date_to_iso(f["DIAGDAT"]).fillna("?"))))

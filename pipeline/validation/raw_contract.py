@@ -18,10 +18,10 @@ import pandera.pandas as pa
 
 from pipeline import findings, metadata
 from pipeline.derivations import codelists, lab_unit_conversions as labs
-from pipeline.derivations.distinct_values import as_text, combined_rank, distinct_rows, in_set, null_coded
+from pipeline.derivations.distinct_values import as_text, combined_rank, distinct_rows, in_set, lookup, null_coded
 from pipeline.derivations.dose_labels import dose_particles
 from pipeline.derivations.iso_dates import compare_partial, is_complete_date, is_site_time, site_date_to_iso
-from pipeline.derivations.visits import is_known_visit, schedule
+from pipeline.derivations.visits import is_known_visit, schedule, scheduled_visit_number
 from pipeline.validation.pandera_failures import placed_failures
 
 Describe = Callable[[pd.DataFrame], dict]
@@ -167,6 +167,11 @@ def column_rules(columns: dict) -> list[RawRule]:
         elif kind == "lab_test":
             out.append(RawRule("RAW-LB-TEST", column, lambda p, c=column: p.frame[c].isna() | p.test_code(c).notna(),
                                _value(column)))
+        elif kind == "text" and spec.get("required"):
+            # Spaces alone are no value: a required AETERM of " " is as empty as "" (other kinds
+            # refuse spaces through their own format).
+            out.append(RawRule("RAW-REQUIRED", column,
+                               lambda p, c=column: ~p.frame[c].str.isspace().fillna(False).astype(bool), lambda rows: {}))
     return out
 
 
@@ -415,6 +420,24 @@ def validate_file(name: str, frame: pd.DataFrame, known_subjects: pd.Series | No
     return findings.combine(out)
 
 
+def _held_doses_that_may_be_first_or_last(ex: pd.DataFrame, held: pd.Series, subjects: pd.Series) -> pd.DataFrame:
+    """Held-back ex.csv records of otherwise good subjects that may be the first or last dose (or
+    the final planned one): RFSTDTC, every --DY and EPOCH, ACTARM and the end of treatment would be
+    derived without them, as definite but wrong values. A held-back dose between two mapped ones
+    cannot move them, and holds back only itself. A record under another site's SUBJID is that
+    site's error, not the subject's."""
+    own_site = ex["SUBJID"].str.slice(0, 2).eq(as_text(ex["src_site"])).fillna(False).astype(bool)
+    candidate = held & own_site & in_set(ex["SUBJID"], subjects)
+    if not candidate.any():
+        return ex.iloc[:0]
+    order = scheduled_visit_number(ex["VISIT"])
+    given = ~held & codelists.recode(ex["EXYN"], "NY").eq("Y").fillna(False)
+    span = order[given].groupby(ex.loc[given, "SUBJID"]).agg(["min", "max"])
+    rows, position = ex[candidate.to_numpy()], order[candidate]
+    first, last = lookup(rows["SUBJID"], span["min"]), lookup(rows["SUBJID"], span["max"])
+    return rows[(position.isna() | first.isna() | (position <= first) | (position >= last)).to_numpy()]
+
+
 def _death_without_fatal_ae(mrs: pd.DataFrame, ae: pd.DataFrame) -> pd.DataFrame:
     """An mRS of 6 (dead) should agree with DM.DTHFL (sdtm-reference section 4), which follows
     the AEs (AESDTH = Y or AEOUT = FATAL): reported, never derived from the score."""
@@ -448,7 +471,8 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
 
     Subject-level data must be whole: a subject whose dm.csv or enrol.csv record is held back
     or missing is held back everywhere (RAW-SUBJECT-HELD), with the reason, so that no SDTM
-    record can point to a subject missing from DM.
+    record can point to a subject missing from DM; so is a subject with a held-back dose that
+    may be its first or last, from which every study day and epoch is derived.
     """
     known = raw["dm"]["SUBJID"]
     by_file, held = {}, {}
@@ -490,6 +514,18 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
     dose_on_kit = ~held["ex"] & expansion & ex["EXDOSE"].notna()
     extra.append(findings.for_rows("RAW-EXPANSION-DOSE", ex[dose_on_kit], column="EXDOSE"))
     extra.append(_death_without_fatal_ae(raw["mrs"][~held["mrs"]], raw["ae"][~held["ae"]]))
+    moving = _held_doses_that_may_be_first_or_last(ex, held["ex"], good_subjects)
+    if len(moving):
+        rows = moving.sort_values("src_row")["src_row"].astype("str")
+        where = "ex.csv row " + rows.groupby(moving["SUBJID"]).agg(", ".join)
+        for name in metadata.RAW_FILES:
+            frame = raw[name]
+            cascade = ~held[name] & in_set(frame["SUBJID"], moving["SUBJID"])
+            extra.append(findings.for_rows(
+                "RAW-SUBJECT-HELD", frame[cascade], value=frame.loc[cascade, "SUBJID"],
+                detail="its dose record at " + lookup(frame.loc[cascade, "SUBJID"], where) + " is held back and may "
+                       "be its first or last dose, on which its reference dates, study days and epochs depend"))
+            held[name] |= cascade
     validated = {name: rows_where(raw[name], ~held[name]) for name in metadata.RAW_FILES}
     coordinates = ["src_site", "src_transfer", "src_file", "src_row"]
     held_rows = pd.concat([raw[name].loc[held[name].to_numpy(), coordinates] for name in metadata.RAW_FILES],
