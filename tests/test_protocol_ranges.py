@@ -29,16 +29,23 @@ def screening_labs(rows: list[dict]) -> pd.DataFrame:
         frame[column] = frame.get(column, pd.Series([None] * len(frame))).astype("str")
     frame["LBSTRESN"] = pd.to_numeric(frame["LBSTRESC"], errors="coerce")
     frame["LBSTNRHI"] = frame.get("LBSTNRHI", pd.Series([None] * len(frame))).astype("float64")
+    frame["LBDY"] = pd.array([-3] * len(frame), dtype="Int64")
     return frame.assign(**coordinates(len(frame), "lb.csv"))
 
 
-def run(dm: pd.DataFrame, lb: pd.DataFrame | None = None, enrol: pd.DataFrame | None = None) -> pd.DataFrame:
-    empty_lb = screening_labs([{"USUBJID": dm["USUBJID"].iloc[0], "LBTESTCD": "WBC", "LBSTRESC": "6"}])
-    qs = pd.DataFrame({"USUBJID": pd.Series(dtype="str"), "VISIT": pd.Series(dtype="str")})
-    ex = pd.DataFrame({"USUBJID": pd.Series(dtype="str")})
-    no_enrol = pd.DataFrame({"SUBJID": pd.Series(dtype="str")})
-    frames = prepare_frames(dm, empty_lb if lb is None else lb, qs, ex, no_enrol if enrol is None else enrol)
-    return evaluate({name: frames[name] for name in (["lb"] if lb is not None else ["enrol"])})[0]
+def no_records(day: str, **columns) -> pd.DataFrame:
+    return pd.DataFrame({"USUBJID": pd.Series(dtype="str"), "VISIT": pd.Series(dtype="str"),
+                         day: pd.Series(dtype="Int64"), **{c: pd.Series(dtype="str") for c in columns},
+                         **{c: pd.Series(dtype="str") for c in ["src_site", "src_transfer", "src_file"]},
+                         "src_row": pd.Series(dtype="int64")})
+
+
+def run(dm: pd.DataFrame, frame: str, lb=None, qs=None, enrol=None) -> pd.DataFrame:
+    """The findings of the checks on one of prepare_frames' frames."""
+    frames = prepare_frames(dm, no_records("LBDY", LBTESTCD=1, LBSTRESC=1, LBNRIND=1) if lb is None else lb,
+                            no_records("QSDY", QSEVINTX=1) if qs is None else qs, no_records("EXSTDY"),
+                            pd.DataFrame({"SUBJID": pd.Series(dtype="str")}) if enrol is None else enrol)
+    return evaluate({frame: frames[frame]})[0]
 
 
 ULN_CASES = [   # test, ULN, result, on anticoagulant, factor (site-export-spec.md section 1)
@@ -55,7 +62,7 @@ def test_a_result_exactly_at_a_multiple_of_the_uln_is_not_above_it():
     dm = subjects(len(ULN_CASES), [c[3] for c in ULN_CASES])
     lb = screening_labs([{"USUBJID": s, "LBTESTCD": t, "LBSTNRHI": uln, "LBSTRESC": result}
                          for s, (t, uln, result, _, _) in zip(dm["USUBJID"], ULN_CASES)])
-    found = run(dm, lb)
+    found = run(dm, "lb", lb=lb)
     expected = {row for row, (_, uln, result, _, factor) in enumerate(ULN_CASES, start=1)
                 if Decimal(result) > Decimal(factor) * Decimal(uln)}
     assert set(found.loc[found["RULE"] == "PROT-LAB", "ROW"]) == expected
@@ -80,7 +87,7 @@ def test_hbcab_positive_with_hbv_dna_above_quantification_is_an_exclusion():
     for subject, (core, dna, _) in zip(dm["USUBJID"], HBV_CASES):
         rows += [{"USUBJID": subject, "LBTESTCD": "HBCAB", "LBSTRESC": core},
                  {"USUBJID": subject, "LBTESTCD": "HBVDNA", "LBSTRESC": dna, "LBSTRESU": "IU/mL"}]
-    found = run(dm, screening_labs(rows))
+    found = run(dm, "lb", lb=screening_labs(rows))
     flagged = set(found.loc[found["RULE"] == "PROT-SEROLOGY", "ROW"])
     assert flagged == {2 * i + 1 for i, case in enumerate(HBV_CASES) if case[2]}   # the HBcAb rows
 
@@ -102,5 +109,35 @@ def test_diagnosis_delay_with_partial_dates_counts_only_certain_breaches(onset, 
     dm = subjects(1)
     enrol = pd.DataFrame({"SUBJID": ["01-001"], "ONSETDAT": [onset or None], "DIAGDAT": [diagnosis or None],
                           **coordinates(1, "enrol.csv")}).astype({"ONSETDAT": "str", "DIAGDAT": "str"})
-    found = run(dm, enrol=enrol)
+    found = run(dm, "enrol", enrol=enrol)
     assert (found["RULE"] == "PROT-DIAG-DELAY").any() == breach, found["MESSAGE"].tolist()
+
+
+WINDOW_CASES = [   # visit, study day, outside its window? (site-export-spec.md section 2, by hand)
+    ("SCREENING", -14, False), ("SCREENING", -15, True), ("SCREENING", -1, False),
+    ("SCREENING", 3, True),                     # "screening" labs drawn after dosing began
+    ("DAY 1", 1, False), ("DAY 7", 8, True), ("DAY 14", 12, False), ("DAY 14", 16, False), ("DAY 14", 17, True),
+    ("DAY 28", 25, True), ("DAY 49 (END OF STUDY)", 52, False), ("DAY 49 (END OF STUDY)", 58, True),
+    ("UNSCHEDULED", 100, False),                # no window
+    ("DAY 14", None, False),                    # a partial date has no study day: cannot tell
+]
+
+
+@pytest.mark.parametrize("dataset, day", [("lb", "LBDY"), ("qs", "QSDY")])
+def test_assessments_outside_their_visit_window_are_deviations(dataset, day):
+    """The schedule's windows hold for samples and mRS assessments as for doses: a Day 49 safety
+    assessment on day 58 or screening labs on day 3 are reported (WARNING), each record once."""
+    dm = subjects(1)
+    records = pd.DataFrame({"USUBJID": dm["USUBJID"].iloc[0], "VISIT": [v for v, _, _ in WINDOW_CASES],
+                            day: pd.array([d for _, d, _ in WINDOW_CASES], dtype="Int64"),
+                            "LBTESTCD": "WBC", "LBSTRESC": "6", "LBNRIND": "NORMAL",
+                            "QSEVINTX": pd.Series([None] * len(WINDOW_CASES), dtype="str"),
+                            **coordinates(len(WINDOW_CASES), f"{'mrs' if dataset == 'qs' else dataset}.csv")})
+    found = run(dm, f"{dataset}_visits", **{dataset: records})
+    flagged = found.loc[found["RULE"] == "PROT-VISIT-WINDOW"]
+    assert sorted(flagged["ROW"]) == [row for row, case in enumerate(WINDOW_CASES, start=1) if case[2]]
+    assert (flagged["SEVERITY"] == "WARNING").all()
+    first = flagged.iloc[0]["MESSAGE"]
+    what = "Lab sample taken" if dataset == "lb" else "mRS assessed"
+    assert f"{what} outside its visit window (site-export-spec.md section 2): SCREENING " in first
+    assert "on study day -15; window -14 to -1 (MESAE-01-001)" in first

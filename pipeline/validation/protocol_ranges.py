@@ -131,8 +131,9 @@ def build_checks() -> list[ProtocolCheck]:
         else:
             checks.append(_lab_checks(item))
     for item in config["conduct"]:
-        if item["kind"] == "dose_window":
-            checks.append(ProtocolCheck(item, "ex", _outside_window, _window_observed))
+        if item["kind"] == "visit_window":
+            checks.append(ProtocolCheck(item, f"{item['source']}_visits", lambda f, i=item: _outside_window(f, i["day"]),
+                                        lambda f, i=item: _window_observed(f, i["day"], i["record"])))
         elif item["kind"] == "cohort_dose":
             checks.append(ProtocolCheck(item, "ex", _wrong_cohort_dose, lambda f: (
                 "cohort " + f["ctx_cohort"].astype("str") + " dose " + _fmt(f["EXDOSE"]) + " particles, planned "
@@ -140,22 +141,21 @@ def build_checks() -> list[ProtocolCheck]:
     return checks
 
 
-def _windows() -> pd.DataFrame:
+def _window(visit: pd.Series, end: int) -> pd.Series:
+    """The first (end 0) or last (end 1) study day of each record's scheduled visit; NaN for
+    UNSCHEDULED, which has no window."""
     table = schedule()
-    return pd.DataFrame({"VISIT": table["visit"], "low": table["window"].str[0], "high": table["window"].str[1]})
+    return lookup(visit, pd.Series(table["window"].str[end].astype("float64").to_numpy(), index=table["visit"]))
 
 
-def _outside_window(f: pd.DataFrame) -> pd.Series:
-    windows = f[["VISIT"]].merge(_windows(), on="VISIT", how="left")
-    low, high = windows["low"].to_numpy(), windows["high"].to_numpy()
-    day = f["EXSTDY"].astype("float64").to_numpy()
-    return pd.Series((day < low) | (day > high), index=f.index).fillna(False)
+def _outside_window(f: pd.DataFrame, day: str) -> pd.Series:
+    days = f[day].astype("float64")
+    return ((days < _window(f["VISIT"], 0)) | (days > _window(f["VISIT"], 1))).fillna(False).astype(bool)
 
 
-def _window_observed(f: pd.DataFrame) -> pd.Series:
-    windows = f[["VISIT"]].merge(_windows(), on="VISIT", how="left")
-    return (f["VISIT"] + " dose on study day " + f["EXSTDY"].astype("str") + "; window "
-            + windows["low"].astype("str").to_numpy() + " to " + windows["high"].astype("str").to_numpy())
+def _window_observed(f: pd.DataFrame, day: str, record: str) -> pd.Series:
+    bound = lambda end: _window(f["VISIT"], end).astype("Int64").astype("str")  # noqa: E731
+    return f["VISIT"] + f" {record} on study day " + f[day].astype("str") + "; window " + bound(0) + " to " + bound(1)
 
 
 def _wrong_cohort_dose(f: pd.DataFrame) -> pd.Series:
@@ -188,8 +188,14 @@ def prepare_frames(dm: pd.DataFrame, lb: pd.DataFrame, qs: pd.DataFrame, ex: pd.
     hits = lb_screening["LBTESTCD"].isin(tests) & lb_screening["LBNRIND"].eq("ABNORMAL")
     enrol_antibody = enrol_frame.assign(
         ctx_antibody_positive=in_set(enrol_frame["USUBJID"], lb_screening.loc[hits.fillna(False), "USUBJID"]))
+    # Every record of a visit, screen failures' too (they have no study days, so no window to miss):
+    # only the columns the window check reads, not a copy of a million-row LB.
+    coordinates = ["USUBJID", "VISIT", "src_site", "src_transfer", "src_file", "src_row"]
+    by_source = {"ex": ex_frame, "lb": lb, "qs": qs}
+    visits = {f"{i['source']}_visits": by_source[i["source"]][[*coordinates, i["day"]]]
+              for i in metadata.protocol()["conduct"] if i["kind"] == "visit_window"}
     return {"dm": with_facts(dm), "lb": lb_screening, "qs": with_facts(qs[qs["VISIT"].eq(SCREENING)]),
-            "ex": ex_frame, "enrol": enrol_frame, "enrol_antibody": enrol_antibody}
+            "ex": ex_frame, "enrol": enrol_frame, "enrol_antibody": enrol_antibody, **visits}
 
 
 def evaluate(frames: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
