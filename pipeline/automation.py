@@ -80,6 +80,10 @@ def build_sensor(job: dg.JobDefinition, exports_dir: str) -> dg.SensorDefinition
     return new_transfer_sensor
 
 
+class ScheduleSettingError(ValueError):
+    """MESAE_SCHEDULE_CRON / MESAE_SCHEDULE_TIMEZONE do not make a schedule."""
+
+
 def build_schedule(job: dg.JobDefinition) -> dg.ScheduleDefinition:
     # An empty variable (e.g. `MESAE_SCHEDULE_CRON=` in a service file) means "not set": the default,
     # not an invalid cron string that would stop every definition, and so `mesae run`, from loading.
@@ -90,7 +94,7 @@ def build_schedule(job: dg.JobDefinition) -> dg.ScheduleDefinition:
             name="nightly", job=job, cron_schedule=cron, execution_timezone=timezone,
             description="Nightly run on the sites' current transfers (default 02:00 Asia/Shanghai).")
     except dg.DagsterInvalidDefinitionError:   # `mesae run` says which variable, in one line
-        raise ValueError(f"MESAE_SCHEDULE_CRON={cron!r} with MESAE_SCHEDULE_TIMEZONE={timezone!r} is not a schedule; "
+        raise ScheduleSettingError(f"MESAE_SCHEDULE_CRON={cron!r} with MESAE_SCHEDULE_TIMEZONE={timezone!r} is not a schedule; "
                          "expected a five-field cron string (e.g. '0 2 * * *') and an IANA time zone "
                          "(e.g. 'Asia/Shanghai')") from None
 

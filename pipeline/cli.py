@@ -32,9 +32,12 @@ class Parser(argparse.ArgumentParser):
 
 def seconds(text: str) -> float:
     """A wait in seconds: `nan` would wait for ever, a negative one not at all."""
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds; expected 0 or more, e.g. 30")
     return value
 
 
@@ -99,10 +102,13 @@ def demo_data(args) -> int:
 
 
 def zone_of(args) -> str:
+    """--unblinded, or MESAE_UNBLINDED; the variable is checked either way, as the code location
+    (loaded by the run as well) refuses a value that is neither yes nor no."""
     try:
-        return "unblinded" if args.unblinded else zone_from_environment()
+        from_environment = zone_from_environment()
     except ValueError as error:
         raise UsageError(str(error)) from None
+    return "unblinded" if args.unblinded else from_environment
 
 
 def dagster_home(zone: str) -> Path:
@@ -165,7 +171,7 @@ def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: fl
     warnings.filterwarnings("ignore")
     import dagster as dg
 
-    from pipeline.automation import failure_guidance
+    from pipeline.automation import ScheduleSettingError, failure_guidance
     from pipeline.resources import ZoneError, check_instance_zone
 
     from sqlalchemy.exc import SQLAlchemyError
@@ -174,7 +180,7 @@ def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: fl
         from pipeline.definitions import JOB_NAME, build_definitions
 
         definitions = build_definitions(exports, output, zone, lock_timeout)
-    except ValueError as error:   # a schedule variable that is not one
+    except ScheduleSettingError as error:
         raise UsageError(str(error)) from None
     job = definitions.resolve_job_def(JOB_NAME)
     # The instance's own storage failing (a read-only or full disk) is named in one line, as the

@@ -139,6 +139,7 @@ def folder_time(name: str) -> datetime:
 
 
 EXPORT_TIME_TOLERANCE = timedelta(hours=1)   # between the folder name and exported_at (an export takes time)
+TOLERANCE_TEXT = f"{int(EXPORT_TIME_TOLERANCE.total_seconds()) // 60} minutes"
 
 
 # A transfer's files are read as themselves: a symbolic link could lead anywhere, unblinded/
@@ -152,7 +153,7 @@ def read_manifest(transfer: Transfer) -> bool:
         transfer.problem("TRF-FOLDER", detail=transfer.name)
         return False
     if folder_time(transfer.name) > datetime.now(timezone.utc) + EXPORT_TIME_TOLERANCE:
-        transfer.problem("TRF-FUTURE", value=transfer.name, expected=f"{EXPORT_TIME_TOLERANCE.seconds // 60} minutes")
+        transfer.problem("TRF-FUTURE", value=transfer.name, expected=TOLERANCE_TEXT)
         return False
     path = transfer.path / MANIFEST
     if path.is_symlink():
@@ -190,7 +191,7 @@ def read_manifest(transfer: Transfer) -> bool:
         transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=(
             f"exported_at {json.dumps(manifest['exported_at'], ensure_ascii=False)} is not the export time of the "
             f"folder name {transfer.name} ({folder_time(transfer.name):%Y-%m-%dT%H:%M:%SZ} UTC); both name the "
-            f"time of the export and must agree within {EXPORT_TIME_TOLERANCE.seconds // 60} minutes"))
+            f"time of the export and must agree within {TOLERANCE_TEXT}"))
     else:
         transfer.exported_at, transfer.data_cutoff = manifest["exported_at"], exported.date().isoformat()
     encoding = str(manifest["encoding"]).lower()
@@ -538,11 +539,14 @@ def _parse(body: bytes) -> tuple[list[str] | None, list[pa.Array], list[tuple[in
     return header, columns, []
 
 
-# In RFC 4180 a quote either delimits a quoted field (after a comma or line break, or before one)
-# or is doubled inside it: one between two other characters is neither. Arrow's reader keeps
-# `"Sore" throat` as `Sore throat`, Python's csv module keeps `ab"cd` as it is; both would
-# change or guess a value, so the file is refused.
-_QUOTE_NEIGHBOURS = np.frombuffer(b',\r\n"', dtype=np.uint8)
+# In RFC 4180 every quote toggles between inside and outside a quoted field (a doubled quote
+# toggles twice), so the count of quotes so far tells which each one does. One that opens must
+# start a field (after a comma, a line break or the start) or follow the quote it doubles; one
+# that closes must end it (before a comma, a line break or the end) or precede its double.
+# Anything else (`"Sore" throat`, `"" throat`, `ab"cd`) is refused: Arrow's reader keeps
+# `"Sore" throat` as `Sore throat`, Python's csv module keeps `ab"cd` as it is.
+_BEFORE_OPENING = np.frombuffer(b',\r\n"', dtype=np.uint8)
+_AFTER_CLOSING = _BEFORE_OPENING
 
 
 def _refuse_stray_quote(body: bytes) -> None:
@@ -550,8 +554,14 @@ def _refuse_stray_quote(body: bytes) -> None:
         return
     data = np.frombuffer(body, dtype=np.uint8)
     quotes = np.flatnonzero(data == ord('"'))
-    quotes = quotes[(quotes > 0) & (quotes < data.size - 1)]
-    stray = quotes[~np.isin(data[quotes - 1], _QUOTE_NEIGHBOURS) & ~np.isin(data[quotes + 1], _QUOTE_NEIGHBOURS)]
+    opening = np.arange(quotes.size) % 2 == 0
+    before = np.where(quotes > 0, data[np.maximum(quotes - 1, 0)], ord(","))
+    after = np.where(quotes < data.size - 1, data[np.minimum(quotes + 1, data.size - 1)], ord(","))
+    stray = quotes[np.where(opening, ~np.isin(before, _BEFORE_OPENING), ~np.isin(after, _AFTER_CLOSING))]
+    if not stray.size and quotes.size % 2:
+        line = body.count(b"\n", 0, int(quotes[-1])) + 1
+        raise csv.Error(f"line {line}: a quoted field starts here and is never closed; expected its closing quote "
+                        "(RFC 4180)")
     if stray.size:
         at = int(stray[0])
         line_start, line_end = body.rfind(b"\n", 0, at) + 1, body.find(b"\n", at)

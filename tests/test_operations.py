@@ -18,7 +18,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from pipeline.automation import DEFAULT_CRON, DEFAULT_TIMEZONE, failure_guidance, failure_message
+from pipeline.automation import (DEFAULT_CRON, DEFAULT_TIMEZONE, ScheduleSettingError, failure_guidance,
+                                 failure_message)
 from pipeline.definitions import JOB_NAME, build_definitions
 from site_exports import one_subject_trial, write_transfer
 
@@ -224,7 +225,7 @@ def test_empty_schedule_variables_mean_the_default(tmp_path, monkeypatch):
 
 def test_invalid_schedule_is_refused_when_the_definitions_load(tmp_path, monkeypatch):
     monkeypatch.setenv("MESAE_SCHEDULE_CRON", "every night")
-    with pytest.raises(ValueError, match="MESAE_SCHEDULE_CRON='every night' .* is not a schedule"):
+    with pytest.raises(ScheduleSettingError, match="MESAE_SCHEDULE_CRON='every night' .* is not a schedule"):
         build_definitions(tmp_path / "e", tmp_path / "o")
 
 
@@ -417,8 +418,10 @@ def test_an_unusable_dagster_home_is_refused_in_one_line(tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize("flag, environment, says", [
-    (["--lock-timeout", "nan"], {}, "argument --lock-timeout: invalid seconds value: 'nan'"),   # waited for ever
-    (["--lock-timeout", "-5"], {}, "argument --lock-timeout: invalid seconds value: '-5'"),
+    (["--lock-timeout", "nan"], {}, "argument --lock-timeout: 'nan' is not a number of seconds; expected 0 or more"),
+    (["--lock-timeout", "-5"], {}, "argument --lock-timeout: '-5' is not a number of seconds; expected 0 or more"),
+    (["--lock-timeout", "soon"], {}, "argument --lock-timeout: 'soon' is not a number of seconds; expected 0 or more"),
+    (["--unblinded"], {"MESAE_UNBLINDED": "maybe"}, "MESAE_UNBLINDED must be 1 or 0, not 'maybe'"),
     ([], {"MESAE_SCHEDULE_CRON": "0 2 * *"}, "MESAE_SCHEDULE_CRON='0 2 * *' with MESAE_SCHEDULE_TIMEZONE="),
     ([], {"MESAE_SCHEDULE_TIMEZONE": "China/Beijing"}, "MESAE_SCHEDULE_TIMEZONE='China/Beijing' is not a schedule"),
 ])

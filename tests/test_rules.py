@@ -381,12 +381,20 @@ def doses_of(raw, subjid):
     return ex[(ex["SUBJID"] == subjid) & ex["EXYN"].str.upper().isin(["Y", "YES"])]
 
 
-@pytest.mark.parametrize("visit, whole_subject", [
-    ("DAY 1", True),    # the first dose: study day 1 and every --DY, EPOCH and baseline follow from it
-    ("DAY 28", True),   # the last dose: RFXENDTC, and where the follow-up epoch begins
-    ("DAY 3", False),   # between two mapped doses: it cannot move the reference dates
+@pytest.mark.parametrize("visit, change, rule, whole_subject", [
+    # the first dose: study day 1 and every --DY, EPOCH and baseline follow from it
+    ("DAY 1", {"EXSTTIM": "9:00"}, "RAW-TIME", True),
+    # the last dose: RFXENDTC, and where the follow-up epoch begins
+    ("DAY 28", {"EXSTTIM": "9:00"}, "RAW-TIME", True),
+    # between two mapped doses: it cannot move the reference dates
+    ("DAY 3", {"EXSTTIM": "9:00"}, "RAW-TIME", False),
+    # not given (a date where none belongs): it cannot be a dose given, first or last
+    ("DAY 1", {"EXYN": "N"}, "RAW-EMPTY-IF", False),
+    # ... unless it is the final planned one, which ends the treatment epoch given or not
+    ("DAY 28", {"EXYN": "N"}, "RAW-EMPTY-IF", True),
 ])
-def test_a_held_back_dose_that_may_be_the_first_or_last_holds_back_its_subject(clean_raw_trial, visit, whole_subject):
+def test_a_held_back_dose_that_may_be_the_first_or_last_holds_back_its_subject(
+        clean_raw_trial, visit, change, rule, whole_subject):
     from pipeline.validation.raw_contract import validate_raw
 
     trial, clean = clean_raw_trial
@@ -397,11 +405,12 @@ def test_a_held_back_dose_that_may_be_the_first_or_last_holds_back_its_subject(c
     subjid, bystander = treated[0], treated[1]
     dose = doses_of(raw, subjid)
     target = dose.index[dose["VISIT"] == visit][0]
-    raw["ex"].loc[target, "EXSTTIM"] = "9:00"     # not HH:MM: RAW-TIME holds the record back
+    for column, value in change.items():
+        raw["ex"].loc[target, column] = value
     validated, found = validate_raw(raw)
 
     bad_row = int(raw["ex"].loc[target, "src_row"])
-    assert set(found.loc[(found["FILE"] == "ex.csv") & (found["ROW"] == bad_row), "RULE"]) == {"RAW-TIME"}
+    assert set(found.loc[(found["FILE"] == "ex.csv") & (found["ROW"] == bad_row), "RULE"]) == {rule}
     held = found[found["RULE"] == "RAW-SUBJECT-HELD"]
     for name in metadata.RAW_FILES:
         mine = raw[name]["SUBJID"] == subjid
@@ -420,6 +429,23 @@ def test_a_held_back_dose_that_may_be_the_first_or_last_holds_back_its_subject(c
         assert held.empty
 
 
+def test_a_dose_recorded_for_a_screen_failure_holds_back_only_the_dose(clean_raw_trial):
+    """A screen failure's ARM and ARMNRS do not depend on doses: its DM and AEs stay."""
+    from pipeline.validation.raw_contract import validate_raw
+
+    trial, clean = clean_raw_trial
+    raw = {name: frame.copy() for name, frame in clean.items()}
+    failure = trial.subjects.loc[trial.subjects["ENRLFL"] == "N"].iloc[0]
+    ex = raw["ex"]
+    dose = ex[ex["src_site"].astype("str") == failure.SITEID].iloc[[0]].copy()
+    dose["SUBJID"], dose["src_row"] = failure.SUBJID, int(ex["src_row"].max()) + 1
+    raw["ex"] = pd.concat([ex, dose], ignore_index=True)
+    validated, found = validate_raw(raw)
+    assert set(found.loc[found["SUBJID"] == failure.SUBJID, "RULE"]) == {"RAW-DOSE-NOT-ENROLLED"}
+    for name in ("dm", "enrol"):
+        assert (validated[name]["SUBJID"] == failure.SUBJID).sum() == 1, name
+
+
 def test_a_required_text_of_spaces_alone_is_empty(clean_raw_trial):
     """Spec section 5: `Req` = present and non-empty; " " is no verbatim term."""
     from pipeline.validation.raw_contract import validate_raw
@@ -427,14 +453,17 @@ def test_a_required_text_of_spaces_alone_is_empty(clean_raw_trial):
     _, clean = clean_raw_trial
     raw = {name: frame.copy() for name, frame in clean.items()}
     ae = raw["ae"]
-    ae.loc[ae.index[0], "AETERM"], ae.loc[ae.index[1], "AESPID"] = "   ", " \t"
-    ae.loc[ae.index[2], "AETERM"] = " 头痛 "   # text with spaces around it is a value
+    site = ae["src_site"].astype("str").value_counts().index[0]   # the site with the most AEs
+    index = ae.index[(ae["src_site"].astype("str") == site).to_numpy()][:4]
+    ae.loc[index[0], "AETERM"], ae.loc[index[1], "AESPID"] = "   ", " \t"
+    ae.loc[index[2], "AETERM"] = " 头痛 "   # text with spaces around it is a value
+    ae.loc[index[3], "AETERM"] = "\u200b"   # a zero-width space is blank too
     validated, found = validate_raw(raw)
-    site = str(ae["src_site"].iloc[0])
     required = found[(found["RULE"] == "RAW-REQUIRED") & (found["FILE"] == "ae.csv") & (found["SITEID"] == site)]
-    rows = ae["src_row"].iloc[:3].tolist()
+    rows = ae.loc[index, "src_row"].tolist()
     assert sorted(zip(required["ROW"], required["MESSAGE"])) == sorted([
         (rows[0], f"ae.csv row {rows[0]}: AETERM is empty; it is required on every row"),
-        (rows[1], f"ae.csv row {rows[1]}: AESPID is empty; it is required on every row")])
+        (rows[1], f"ae.csv row {rows[1]}: AESPID is empty; it is required on every row"),
+        (rows[3], f"ae.csv row {rows[3]}: AETERM is empty; it is required on every row")])
     kept = set(validated["ae"].index)
-    assert ae.index[0] not in kept and ae.index[1] not in kept and ae.index[2] in kept
+    assert not {index[0], index[1], index[3]} & kept and index[2] in kept

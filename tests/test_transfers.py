@@ -195,7 +195,7 @@ def test_unterminated_quote_is_refused_with_the_line_it_starts_on(tmp_path):
     write_transfer(tmp_path, "01", NEW, one_subject_trial(), raw_files={"dm.csv": data})
     status, reason = statuses(tmp_path)[("01", NEW)]
     assert status == "REJECTED"
-    assert "dm.csv: not a readable CSV file: unexpected end of data in the record that starts on line 3" in reason
+    assert "dm.csv: not a readable CSV file: line 3: a quoted field starts here and is never closed" in reason
 
 
 def test_record_with_wrong_field_count_is_kept_and_reported(tmp_path):
@@ -506,6 +506,8 @@ def test_the_iwrs_list_is_not_told_to_fix_a_manifest_it_does_not_have():
     ('01-002,1981,46,M,"ASIAN" ,,2026-02-21', '"ASIAN" ,'),      # text after a closing quote
     ('01-002,1981,46,M,AS"IAN,,2026-02-21', 'AS"IAN'),           # a quote in a field that is not quoted
     ('01-002,1981,46,M, "ASIAN",,2026-02-21', ' "ASIAN"'),       # a space before the opening quote
+    ('01-002,1981,46,M,"AS""IAN""" x,,2026-02-21', '""" x'),     # text after a doubled quote and the closing one
+    ('01-002,1981,46,M,AS""IAN,,2026-02-21', 'AS""IAN'),         # a doubled quote in a field that is not quoted
 ])
 def test_a_stray_quote_rejects_the_transfer_instead_of_changing_a_value(tmp_path, line, near):
     """RFC 4180 (spec section 4): Arrow's reader took `"ASIAN" ,` for `ASIAN ` and `AS"IAN` as it is."""

@@ -141,21 +141,22 @@ def build_checks() -> list[ProtocolCheck]:
     return checks
 
 
-def _window(visit: pd.Series, end: int) -> pd.Series:
-    """The first (end 0) or last (end 1) study day of each record's scheduled visit; NaN for
-    UNSCHEDULED, which has no window."""
+def _window(visit: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """The first and last study day of each record's scheduled visit; NaN for UNSCHEDULED, which
+    has no window."""
     table = schedule()
-    return lookup(visit, pd.Series(table["window"].str[end].astype("float64").to_numpy(), index=table["visit"]))
+    bounds = pd.DataFrame(table["window"].tolist(), index=table["visit"], dtype="float64")
+    return lookup(visit, bounds[0]), lookup(visit, bounds[1])
 
 
 def _outside_window(f: pd.DataFrame, day: str) -> pd.Series:
-    days = f[day].astype("float64")
-    return ((days < _window(f["VISIT"], 0)) | (days > _window(f["VISIT"], 1))).fillna(False).astype(bool)
+    days, (low, high) = f[day].astype("float64"), _window(f["VISIT"])
+    return ((days < low) | (days > high)).fillna(False).astype(bool)
 
 
 def _window_observed(f: pd.DataFrame, day: str, record: str) -> pd.Series:
-    bound = lambda end: _window(f["VISIT"], end).astype("Int64").astype("str")  # noqa: E731
-    return f["VISIT"] + f" {record} on study day " + f[day].astype("str") + "; window " + bound(0) + " to " + bound(1)
+    low, high = (bound.astype("Int64").astype("str") for bound in _window(f["VISIT"]))
+    return f["VISIT"] + f" {record} on study day " + f[day].astype("str") + "; window " + low + " to " + high
 
 
 def _wrong_cohort_dose(f: pd.DataFrame) -> pd.Series:
@@ -188,10 +189,10 @@ def prepare_frames(dm: pd.DataFrame, lb: pd.DataFrame, qs: pd.DataFrame, ex: pd.
     hits = lb_screening["LBTESTCD"].isin(tests) & lb_screening["LBNRIND"].eq("ABNORMAL")
     enrol_antibody = enrol_frame.assign(
         ctx_antibody_positive=in_set(enrol_frame["USUBJID"], lb_screening.loc[hits.fillna(False), "USUBJID"]))
-    # Every record of a visit, screen failures' too (they have no study days, so no window to miss):
-    # only the columns the window check reads, not a copy of a million-row LB.
+    # Every dose, sample and assessment (a screen failure's have no study day: no window to miss),
+    # with only the columns the window check reads, not a copy of a million-row LB.
     coordinates = ["USUBJID", "VISIT", "src_site", "src_transfer", "src_file", "src_row"]
-    by_source = {"ex": ex_frame, "lb": lb, "qs": qs}
+    by_source = {"ex": ex, "lb": lb, "qs": qs}
     visits = {f"{i['source']}_visits": by_source[i["source"]][[*coordinates, i["day"]]]
               for i in metadata.protocol()["conduct"] if i["kind"] == "visit_window"}
     return {"dm": with_facts(dm), "lb": lb_screening, "qs": with_facts(qs[qs["VISIT"].eq(SCREENING)]),

@@ -25,6 +25,7 @@ from pipeline.derivations.visits import is_known_visit, schedule, scheduled_visi
 from pipeline.validation.pandera_failures import placed_failures
 
 Describe = Callable[[pd.DataFrame], dict]
+BLANK = r"[\s\u200b-\u200d\u2060\ufeff]+"   # white space and the invisible characters of Unicode
 
 
 @dataclass
@@ -168,10 +169,11 @@ def column_rules(columns: dict) -> list[RawRule]:
             out.append(RawRule("RAW-LB-TEST", column, lambda p, c=column: p.frame[c].isna() | p.test_code(c).notna(),
                                _value(column)))
         elif kind == "text" and spec.get("required"):
-            # Spaces alone are no value: a required AETERM of " " is as empty as "" (other kinds
-            # refuse spaces through their own format).
+            # Blank text is no value: a required AETERM of " " (or a zero-width space) is as empty
+            # as "" (other kinds refuse blanks through their own format).
             out.append(RawRule("RAW-REQUIRED", column,
-                               lambda p, c=column: ~p.frame[c].str.isspace().fillna(False).astype(bool), lambda rows: {}))
+                               lambda p, c=column: ~p.frame[c].str.fullmatch(BLANK).fillna(False).astype(bool),
+                               lambda rows: {}))
     return out
 
 
@@ -421,16 +423,20 @@ def validate_file(name: str, frame: pd.DataFrame, known_subjects: pd.Series | No
 
 
 def _held_doses_that_may_be_first_or_last(ex: pd.DataFrame, held: pd.Series, subjects: pd.Series) -> pd.DataFrame:
-    """Held-back ex.csv records of otherwise good subjects that may be the first or last dose (or
-    the final planned one): RFSTDTC, every --DY and EPOCH, ACTARM and the end of treatment would be
-    derived without them, as definite but wrong values. A held-back dose between two mapped ones
-    cannot move them, and holds back only itself. A record under another site's SUBJID is that
-    site's error, not the subject's."""
+    """Held-back ex.csv records of `subjects` (enrolled, otherwise good) that may be the first or
+    last dose given, or the final planned one (recorded given or not, it ends the treatment epoch):
+    RFSTDTC, every --DY and EPOCH, ACTARM and the end of treatment would be derived without them,
+    as definite but wrong values. A held-back dose between two mapped ones, or one that reads as
+    not given before the final visit, cannot move them and holds back only itself. A record under
+    another site's SUBJID is that site's error, not the subject's."""
     own_site = ex["SUBJID"].str.slice(0, 2).eq(as_text(ex["src_site"])).fillna(False).astype(bool)
-    candidate = held & own_site & in_set(ex["SUBJID"], subjects)
+    order = scheduled_visit_number(ex["VISIT"])
+    table = schedule()
+    final = order.eq(float(table.loc[table["dose"], "visitnum"].max()))
+    not_given = codelists.recode(ex["EXYN"], "NY").eq("N").fillna(False).astype(bool)
+    candidate = held & own_site & in_set(ex["SUBJID"], subjects) & (~not_given | final)
     if not candidate.any():
         return ex.iloc[:0]
-    order = scheduled_visit_number(ex["VISIT"])
     given = ~held & codelists.recode(ex["EXYN"], "NY").eq("Y").fillna(False)
     span = order[given].groupby(ex.loc[given, "SUBJID"]).agg(["min", "max"])
     rows, position = ex[candidate.to_numpy()], order[candidate]
@@ -514,7 +520,8 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
     dose_on_kit = ~held["ex"] & expansion & ex["EXDOSE"].notna()
     extra.append(findings.for_rows("RAW-EXPANSION-DOSE", ex[dose_on_kit], column="EXDOSE"))
     extra.append(_death_without_fatal_ae(raw["mrs"][~held["mrs"]], raw["ae"][~held["ae"]]))
-    moving = _held_doses_that_may_be_first_or_last(ex, held["ex"], good_subjects)
+    enrolled = enrolment.index[codelists.recode(enrolment["ENRLFL"], "NY").eq("Y").fillna(False).to_numpy()]
+    moving = _held_doses_that_may_be_first_or_last(ex, held["ex"], good_subjects[in_set(good_subjects, enrolled)])
     if len(moving):
         rows = moving.sort_values("src_row")["src_row"].astype("str")
         where = "ex.csv row " + rows.groupby(moving["SUBJID"]).agg(", ".join)
@@ -524,7 +531,8 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
             extra.append(findings.for_rows(
                 "RAW-SUBJECT-HELD", frame[cascade], value=frame.loc[cascade, "SUBJID"],
                 detail="its dose record at " + lookup(frame.loc[cascade, "SUBJID"], where) + " is held back and may "
-                       "be its first or last dose, on which its reference dates, study days and epochs depend"))
+                       "be its first or last dose, or the final planned one, on which its reference dates, study "
+                       "days and epochs depend"))
             held[name] |= cascade
     validated = {name: rows_where(raw[name], ~held[name]) for name in metadata.RAW_FILES}
     coordinates = ["src_site", "src_transfer", "src_file", "src_row"]
