@@ -152,9 +152,6 @@ def read_manifest(transfer: Transfer) -> bool:
     if not _valid_folder_time(transfer.name):
         transfer.problem("TRF-FOLDER", detail=transfer.name)
         return False
-    if folder_time(transfer.name) > datetime.now(timezone.utc) + EXPORT_TIME_TOLERANCE:
-        transfer.problem("TRF-FUTURE", value=transfer.name, expected=TOLERANCE_TEXT)
-        return False
     path = transfer.path / MANIFEST
     if path.is_symlink():
         transfer.problem("TRF-MANIFEST", file=MANIFEST, detail=f"manifest.json is {NOT_FOLLOWED}")
@@ -229,6 +226,8 @@ def read_manifest(transfer: Transfer) -> bool:
     for name in files:
         if not (transfer.path / name).is_file():
             transfer.problem("TRF-MISSING-FILE", file=name, detail="listed in manifest.json but absent")
+    if folder_time(transfer.name) > datetime.now(timezone.utc) + EXPORT_TIME_TOLERANCE:
+        transfer.problem("TRF-FUTURE", value=transfer.name, expected=TOLERANCE_TEXT)
     return not any(p["SEVERITY"] == "ERROR" for p in transfer.problems)
 
 

@@ -280,3 +280,31 @@ def test_randomization_inconsistencies_are_findings(tmp_path):
     ex = pq.read_table(output / "sdtm" / "ex.parquet").to_pandas()
     assert f"MESAE-{placebo_subject}" not in set(ex["USUBJID"])
     assert dm.loc[frame.loc[0, "SUBJID"], "ARMCD"] in ("EXO", "PBO")   # the IWRS record decides
+
+
+@pytest.mark.parametrize("randdat, doses, late", [
+    ("2026-10-20", [("Y", "07 OCT 2026"), ("Y", "2026-10-08")], "2026-10-07"),   # dosed 13 days before
+    ("2026-10-07", [("Y", "2026-10-07")], None),                                 # the same day
+    ("UN OCT 2026", [("Y", "2026-10-07")], None),                                # may be 1 October
+    ("2026-11-02", [("Y", "2026-10"), ("Y", "2026-11-03")], "2026-10"),          # a partial first dose
+    ("2026-10-20", [("N", "2026-10-07"), ("Y", "2026-10-21")], None),            # the earlier dose was not given
+    ("2026-10-20", [], None),                                                    # not dosed yet
+])
+def test_randomized_after_the_first_dose_is_reported(randdat, doses, late):
+    """RANDDAT is required by the spec and was read for its format only: a subject dosed before
+    it was randomized is reported (RND-DATE, WARNING), when the dates settle it."""
+    from pipeline.validation.randomization import _randomized_after_dosing
+
+    coordinates = {"src_site": ["unblinded"], "src_transfer": ["unblinded"], "src_file": ["randomization.csv"],
+                   "src_row": [3]}
+    usable = pd.DataFrame({"SUBJID": ["02-011"], "RANDDAT": [randdat], **coordinates}).astype({"RANDDAT": "str"})
+    ex = pd.DataFrame({"SUBJID": ["02-011"] * len(doses), "EXYN": [y for y, _ in doses],
+                       "EXSTDAT": [d for _, d in doses]}, dtype="str")
+    found = _randomized_after_dosing(usable, ex)
+    if late is None:
+        assert found.empty, found["MESSAGE"].tolist()
+    else:
+        assert found["MESSAGE"].tolist() == [
+            f"randomization.csv row 3: RANDDAT = '{randdat}' is after the subject's first dose ({late}); "
+            "a subject is randomized before it is dosed"]
+        assert found["SEVERITY"].tolist() == ["WARNING"]

@@ -537,5 +537,7 @@ def test_a_transfer_dated_ahead_of_the_clock_is_rejected(tmp_path, ahead, accept
                           "it was read; expected the UTC time of an export that has happened (a folder dated ahead "
                           "would stay CURRENT, and date every ongoing AE, until then)")
         assert statuses(tmp_path)[("01", OLD)][0] == "CURRENT"
+        (ahead_of_clock,) = [t for t in transfers.select_current(transfers.list_transfers(tmp_path)) if t.name == name]
+        assert len(ahead_of_clock.manifest_files) == 6   # transfers.parquet FILES and ROWS come from its manifest
         _, found, waiting = complete_new_transfers(tmp_path, {})
         assert found == [f"01/{OLD}"] and waiting == [f"site-01/{name} ({reason})"]

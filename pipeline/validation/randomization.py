@@ -12,8 +12,24 @@ import pandas as pd
 
 from pipeline import findings
 from pipeline.derivations import codelists
+from pipeline.derivations.distinct_values import lookup
 from pipeline.derivations.dose_labels import dose_particles
+from pipeline.derivations.iso_dates import partial_date_bounds, site_date_to_iso
 from pipeline.validation.raw_contract import held_back_rows, rows_where, validate_file
+
+
+def _randomized_after_dosing(usable: pd.DataFrame, ex: pd.DataFrame) -> pd.DataFrame:
+    """RND-DATE where RANDDAT is certainly after the first dose given: its earliest possible day
+    after the latest day the first dose may be (partial dates count only when that settles it)."""
+    given = ex[codelists.recode(ex["EXYN"], "NY").eq("Y").fillna(False).to_numpy()]
+    iso = site_date_to_iso(given["EXSTDAT"])
+    first_dose = pd.DataFrame({"SUBJID": given["SUBJID"], "latest": partial_date_bounds(iso)[1], "date": iso})
+    first_dose = (first_dose.dropna(subset=["latest"]).sort_values(["SUBJID", "latest"], kind="stable")
+                  .drop_duplicates("SUBJID").set_index("SUBJID"))
+    randomized = partial_date_bounds(site_date_to_iso(usable["RANDDAT"]))[0]
+    late = (randomized > lookup(usable["SUBJID"], first_dose["latest"])).fillna(False).astype(bool)
+    return findings.for_rows("RND-DATE", usable[late.to_numpy()], value=usable.loc[late.to_numpy(), "RANDDAT"],
+                             expected=lookup(usable.loc[late.to_numpy(), "SUBJID"], first_dose["date"]))
 
 
 def reconcile(randomization: pd.DataFrame, validated: dict[str, pd.DataFrame]):
@@ -57,6 +73,7 @@ def reconcile(randomization: pd.DataFrame, validated: dict[str, pd.DataFrame]):
     out.append(findings.for_rows("RND-MISSING", missing, value=missing["SUBJID"], detail=missing["RANDNO"]))
 
     ex = validated["ex"]
+    out.append(_randomized_after_dosing(usable, ex))
     unknown = ex["SUBJID"].isin(missing["SUBJID"]) & codelists.recode(ex["EXYN"], "NY").eq("Y").fillna(False)
     out.append(findings.for_rows("RND-TREATMENT-UNKNOWN", ex[unknown], value=ex.loc[unknown, "SUBJID"]))
     validated = {**validated, "ex": ex[~unknown]}
