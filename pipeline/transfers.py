@@ -544,8 +544,7 @@ def _parse(body: bytes) -> tuple[list[str] | None, list[pa.Array], list[tuple[in
 # that closes must end it (before a comma, a line break or the end) or precede its double.
 # Anything else (`"Sore" throat`, `"" throat`, `ab"cd`) is refused: Arrow's reader keeps
 # `"Sore" throat` as `Sore throat`, Python's csv module keeps `ab"cd` as it is.
-_BEFORE_OPENING = np.frombuffer(b',\r\n"', dtype=np.uint8)
-_AFTER_CLOSING = _BEFORE_OPENING
+_FIELD_EDGES = np.frombuffer(b',\r\n"', dtype=np.uint8)   # what may stand before an opening or after a closing quote
 
 
 def _refuse_stray_quote(body: bytes) -> None:
@@ -556,7 +555,7 @@ def _refuse_stray_quote(body: bytes) -> None:
     opening = np.arange(quotes.size) % 2 == 0
     before = np.where(quotes > 0, data[np.maximum(quotes - 1, 0)], ord(","))
     after = np.where(quotes < data.size - 1, data[np.minimum(quotes + 1, data.size - 1)], ord(","))
-    stray = quotes[np.where(opening, ~np.isin(before, _BEFORE_OPENING), ~np.isin(after, _AFTER_CLOSING))]
+    stray = quotes[np.where(opening, ~np.isin(before, _FIELD_EDGES), ~np.isin(after, _FIELD_EDGES))]
     if not stray.size and quotes.size % 2:
         line = body.count(b"\n", 0, int(quotes[-1])) + 1
         raise csv.Error(f"line {line}: a quoted field starts here and is never closed; expected its closing quote "
