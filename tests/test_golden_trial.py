@@ -7,6 +7,8 @@ any case, every EXDOSE label form, a missed dose (not mapped), unit conversions 
 /uL), a NOT DONE lab, a censoring-free qualitative and a titre result, an unscheduled visit
 numbered after the previous visit across domains, pre-dose baseline by time, a screen failure,
 an ongoing AE, an uncoded AE, a blinded expansion subject, a file with optional columns absent.
+Both enrolled subjects lack most of the screening panel (07-001 has only Hb and bilirubin, 07-003
+none, and its current mRS is NOT DONE): each gets one PROT-NOT-EVALUABLE on its enrol.csv row.
 """
 
 import json

@@ -42,8 +42,8 @@ def no_records(day: str, **columns) -> pd.DataFrame:
 
 def run(dm: pd.DataFrame, frame: str, lb=None, qs=None, enrol=None) -> pd.DataFrame:
     """The findings of the checks on one of prepare_frames' frames."""
-    frames = prepare_frames(dm, no_records("LBDY", LBTESTCD=1, LBSTRESC=1, LBNRIND=1) if lb is None else lb,
-                            no_records("QSDY", QSEVINTX=1) if qs is None else qs, no_records("EXSTDY"),
+    frames = prepare_frames(dm, no_records("LBDY", LBTESTCD=1, LBSTRESC=1, LBNRIND=1, LBSTNRHI=1) if lb is None else lb,
+                            no_records("QSDY", QSEVINTX=1, QSSTRESN=1) if qs is None else qs, no_records("EXSTDY"),
                             pd.DataFrame({"SUBJID": pd.Series(dtype="str")}) if enrol is None else enrol)
     return evaluate({frame: frames[frame]})[0]
 
@@ -130,8 +130,8 @@ def test_assessments_outside_their_visit_window_are_deviations(dataset, day):
     dm = subjects(1)
     records = pd.DataFrame({"USUBJID": dm["USUBJID"].iloc[0], "VISIT": [v for v, _, _ in WINDOW_CASES],
                             day: pd.array([d for _, d, _ in WINDOW_CASES], dtype="Int64"),
-                            "LBTESTCD": "WBC", "LBSTRESC": "6", "LBNRIND": "NORMAL",
-                            "QSEVINTX": pd.Series([None] * len(WINDOW_CASES), dtype="str"),
+                            "LBTESTCD": "WBC", "LBSTRESC": "6", "LBNRIND": "NORMAL", "LBSTNRHI": 10.0,
+                            "QSEVINTX": pd.Series([None] * len(WINDOW_CASES), dtype="str"), "QSSTRESN": 3.0,
                             **coordinates(len(WINDOW_CASES), f"{'mrs' if dataset == 'qs' else dataset}.csv")})
     found = run(dm, f"{dataset}_visits", **{dataset: records})
     flagged = found.loc[found["RULE"] == "PROT-VISIT-WINDOW"]
@@ -141,3 +141,30 @@ def test_assessments_outside_their_visit_window_are_deviations(dataset, day):
     what = "Lab sample taken" if dataset == "lb" else "mRS assessed"
     assert f"{what} outside its visit window (site-export-spec.md section 2): SCREENING " in first
     assert "on study day -15; window -14 to -1 (MESAE-01-001)" in first
+
+
+def test_criteria_without_their_screening_values_are_reported_as_not_evaluable():
+    """An exclusion that cannot be checked passed in silence: a screening AST without the lab's
+    upper limit of normal, an mRS not done, or no result at all (held back, or never sent). One
+    finding per subject names every value missing."""
+    dm = subjects(4)
+    ids = dm["USUBJID"].tolist()
+    lb = screening_labs([{"USUBJID": ids[0], "LBTESTCD": "AST", "LBSTRESC": "30", "LBSTNRHI": "40"},
+                         {"USUBJID": ids[1], "LBTESTCD": "AST", "LBSTRESC": "500"},           # no ULN
+                         {"USUBJID": ids[3], "LBTESTCD": "AST", "LBSTRESC": None, "LBSTNRHI": "40"}])  # not done
+    qs = pd.DataFrame({"USUBJID": ids[:2], "VISIT": "SCREENING", "QSDY": pd.array([-3, -3], dtype="Int64"),
+                       "QSEVINTX": pd.Series([None, None], dtype="str"), "QSSTRESN": [3.0, None],
+                       "QSORRES": ["3", None], **coordinates(2, "mrs.csv")})
+    enrol = pd.DataFrame({"SUBJID": [i.removeprefix("MESAE-") for i in ids], "ONSETDAT": "2026-07-01",
+                          "DIAGDAT": "2026-07-20", **coordinates(4, "enrol.csv")})
+    found = run(dm, "enrol", lb=lb, qs=qs, enrol=enrol)
+    missing = found[found["RULE"] == "PROT-NOT-EVALUABLE"].set_index("ROW")["MESSAGE"]
+    assert sorted(missing.index) == [1, 2, 3, 4] and found.loc[found["RULE"] == "PROT-NOT-EVALUABLE", "SEVERITY"].eq(
+        "WARNING").all()
+    prefix = "enrol.csv row {}: Lab and mRS eligibility criteria: not all can be evaluated: no screening value in SDTM for "
+    for row, message in missing.items():
+        assert message.startswith(prefix.format(row)) and message.endswith(f"(MESAE-01-{row:03d})"), message
+        assert "pre-morbid mRS, NEUT, PLAT, HGB," in message and ", HIV12AB (records held back" in message, message
+    assert "AST" not in missing[1] and "current mRS" not in missing[1]
+    for row in (2, 3, 4):
+        assert "current mRS" in missing[row] and "AST with the lab's ULN" in missing[row], missing[row]

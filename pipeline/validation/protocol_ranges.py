@@ -130,6 +130,11 @@ def build_checks() -> list[ProtocolCheck]:
                                             index=f.index)))
         else:
             checks.append(_lab_checks(item))
+    checks.append(ProtocolCheck(
+        {"rule": "PROT-NOT-EVALUABLE", "criterion": "Lab and mRS eligibility criteria"}, "enrol",
+        lambda f: f["ctx_not_evaluable"].notna(), lambda f: (
+            "not all can be evaluated: no screening value in SDTM for " + f["ctx_not_evaluable"]
+            + " (records held back are not counted: see the quarantine)")))
     for item in config["conduct"]:
         if item["kind"] == "visit_window":
             checks.append(ProtocolCheck(item, f"{item['source']}_visits", lambda f, i=item: _outside_window(f, i["day"]),
@@ -139,6 +144,44 @@ def build_checks() -> list[ProtocolCheck]:
                 "cohort " + f["ctx_cohort"].astype("str") + " dose " + _fmt(f["EXDOSE"]) + " particles, planned "
                 + _fmt(f["ctx_planned_dose"]))))
     return checks
+
+
+def _needed(item: dict) -> str | None:
+    """What a lab or mRS criterion reads at screening; None for the criteria that need nothing
+    more than their own record (age, dates) or report a missing result themselves (antibodies)."""
+    kind = item["kind"]
+    if kind == "mrs":
+        return f"{item['mrstype'].lower()} mRS"
+    if kind == "lab_max_uln":
+        return f"{item['test']} with the lab's ULN"
+    if kind in ("lab_min", "lab_max", "lab_negative"):
+        return item["test"]
+    return None
+
+
+def _not_evaluable(subjects: pd.Series, lb_screening: pd.DataFrame, qs_screening: pd.DataFrame) -> pd.Series:
+    """Per subject, the screening values its lab and mRS criteria need and SDTM lacks (a result
+    held back or never sent, an ULN criterion without the lab's upper limit, an mRS not done), as
+    one text; null when every criterion can be evaluated. One finding per subject, not per test."""
+    missing: dict[str, pd.Series] = {}
+    pre = qs_screening["QSEVINTX"].eq("PRE-MORBID").fillna(False).astype(bool)
+    for item in metadata.protocol()["eligibility"]:
+        needed = _needed(item)
+        if needed is None or needed in missing:
+            continue
+        if item["kind"] == "mrs":
+            kept = (pre if item["mrstype"] == "PRE-MORBID" else ~pre) & qs_screening["QSSTRESN"].notna()
+            with_value = qs_screening.loc[kept.to_numpy(), "USUBJID"]
+        else:
+            kept = lb_screening["LBTESTCD"].eq(item["test"]) & lb_screening["LBSTRESC"].notna()
+            if item["kind"] == "lab_max_uln":
+                kept &= lb_screening["LBSTNRHI"].notna()
+            with_value = lb_screening.loc[kept.fillna(False).to_numpy(), "USUBJID"]
+        missing[needed] = ~in_set(subjects, with_value)
+    text = pd.Series("", index=subjects.index, dtype="str")
+    for needed, lacking in missing.items():
+        text = text + np.where(lacking, needed + ", ", "")
+    return text.str.removesuffix(", ").replace("", None)
 
 
 def _window(visit: pd.Series) -> tuple[pd.Series, pd.Series]:
@@ -189,13 +232,15 @@ def prepare_frames(dm: pd.DataFrame, lb: pd.DataFrame, qs: pd.DataFrame, ex: pd.
     hits = lb_screening["LBTESTCD"].isin(tests) & lb_screening["LBNRIND"].eq("ABNORMAL")
     enrol_antibody = enrol_frame.assign(
         ctx_antibody_positive=in_set(enrol_frame["USUBJID"], lb_screening.loc[hits.fillna(False), "USUBJID"]))
+    qs_screening = qs[qs["VISIT"].eq(SCREENING)]
+    enrol_frame["ctx_not_evaluable"] = _not_evaluable(enrol_frame["USUBJID"], lb_screening, qs_screening)
     # Every dose, sample and assessment (a screen failure's have no study day: no window to miss),
     # with only the columns the window check reads, not a copy of a million-row LB.
     coordinates = ["USUBJID", "VISIT", "src_site", "src_transfer", "src_file", "src_row"]
     by_source = {"ex": ex, "lb": lb, "qs": qs}
     visits = {f"{i['source']}_visits": by_source[i["source"]][[*coordinates, i["day"]]]
               for i in metadata.protocol()["conduct"] if i["kind"] == "visit_window"}
-    return {"dm": with_facts(dm), "lb": lb_screening, "qs": with_facts(qs[qs["VISIT"].eq(SCREENING)]),
+    return {"dm": with_facts(dm), "lb": lb_screening, "qs": with_facts(qs_screening),
             "ex": ex_frame, "enrol": enrol_frame, "enrol_antibody": enrol_antibody, **visits}
 
 
