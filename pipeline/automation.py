@@ -94,9 +94,9 @@ def build_schedule(job: dg.JobDefinition) -> dg.ScheduleDefinition:
             name="nightly", job=job, cron_schedule=cron, execution_timezone=timezone,
             description="Nightly run on the sites' current transfers (default 02:00 Asia/Shanghai).")
     except dg.DagsterInvalidDefinitionError:   # `mesae run` says which variable, in one line
-        raise ScheduleSettingError(f"MESAE_SCHEDULE_CRON={cron!r} with MESAE_SCHEDULE_TIMEZONE={timezone!r} is not a schedule; "
-                         "expected a five-field cron string (e.g. '0 2 * * *') and an IANA time zone "
-                         "(e.g. 'Asia/Shanghai')") from None
+        raise ScheduleSettingError(
+            f"MESAE_SCHEDULE_CRON={cron!r} with MESAE_SCHEDULE_TIMEZONE={timezone!r} is not a schedule; expected "
+            "a five-field cron string (e.g. '0 2 * * *') and an IANA time zone (e.g. 'Asia/Shanghai')") from None
 
 
 ZONE_MISMATCH = re.compile(r"ZoneError|holds (un)?blinded outputs|serves the (un)?blinded zone")

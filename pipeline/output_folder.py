@@ -44,6 +44,12 @@ def zone_from_environment() -> str:
     return "unblinded" if flag in ("1", "true", "yes") else "blinded"
 
 
+def _holder(lock) -> str:
+    """Who holds the lock, as the holder wrote it into the lock file."""
+    lock.seek(0)
+    return lock.read().strip() or "another process"
+
+
 class OutputFolderError(Exception):
     """The output folder cannot be used for this run (wrong zone, not ours, not writable)."""
 
@@ -150,13 +156,11 @@ class OutputFolder:
                 break
             except BlockingIOError:
                 if waiting is not None:
-                    handle.seek(0)
-                    waiting(f"output folder {self.root} is being written by {handle.read().strip() or 'another process'}; "
+                    waiting(f"output folder {self.root} is being written by {_holder(handle)}; "
                             f"waiting up to {timeout_seconds:g} s for it to finish")
                     waiting = None
                 if time.monotonic() >= deadline:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "another process"
+                    holder = _holder(handle)
                     handle.close()
                     raise OutputFolderBusy(
                         f"output folder {self.root} is being written by {holder}; waited {timeout_seconds:g} s "

@@ -103,8 +103,7 @@ def build_checks() -> list[ProtocolCheck]:
                 lambda f, i=item: i["column"] + " = " + f[i["column"]].astype("str")))
         elif kind == "mrs":
             def breach(f, i=item):
-                pre = f["QSEVINTX"].eq("PRE-MORBID").fillna(False)
-                selected = pre if i["mrstype"] == "PRE-MORBID" else ~pre
+                selected = _of_mrstype(f, i["mrstype"])
                 low = f["QSSTRESN"] < i.get("min", -np.inf)
                 high = f["QSSTRESN"] > i.get("max", np.inf)
                 return (selected & (low | high)).fillna(False)
@@ -146,6 +145,12 @@ def build_checks() -> list[ProtocolCheck]:
     return checks
 
 
+def _of_mrstype(qs: pd.DataFrame, mrstype: str) -> pd.Series:
+    """The mRS records of one MRSTYPE: PRE-MORBID ones carry QSEVINTX, CURRENT ones none."""
+    pre = qs["QSEVINTX"].eq("PRE-MORBID").fillna(False).astype(bool)
+    return pre if mrstype == "PRE-MORBID" else ~pre
+
+
 def _needed(item: dict) -> str | None:
     """What a lab or mRS criterion reads at screening; None for the criteria that need nothing
     more than their own record (age, dates) or report a missing result themselves (antibodies)."""
@@ -164,13 +169,12 @@ def _not_evaluable(subjects: pd.Series, lb_screening: pd.DataFrame, qs_screening
     held back or never sent, an ULN criterion without the lab's upper limit, an mRS not done), as
     one text; null when every criterion can be evaluated. One finding per subject, not per test."""
     missing: dict[str, pd.Series] = {}
-    pre = qs_screening["QSEVINTX"].eq("PRE-MORBID").fillna(False).astype(bool)
     for item in metadata.protocol()["eligibility"]:
         needed = _needed(item)
         if needed is None or needed in missing:
             continue
         if item["kind"] == "mrs":
-            kept = (pre if item["mrstype"] == "PRE-MORBID" else ~pre) & qs_screening["QSSTRESN"].notna()
+            kept = _of_mrstype(qs_screening, item["mrstype"]) & qs_screening["QSSTRESN"].notna()
             with_value = qs_screening.loc[kept.to_numpy(), "USUBJID"]
         else:
             kept = lb_screening["LBTESTCD"].eq(item["test"]) & lb_screening["LBSTRESC"].notna()

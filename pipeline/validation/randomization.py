@@ -18,10 +18,9 @@ from pipeline.derivations.iso_dates import partial_date_bounds, site_date_to_iso
 from pipeline.validation.raw_contract import held_back_rows, rows_where, validate_file
 
 
-def _randomized_after_dosing(usable: pd.DataFrame, ex: pd.DataFrame) -> pd.DataFrame:
-    """RND-DATE where RANDDAT is certainly after the first dose given: its earliest possible day
+def _randomized_after_dosing(usable: pd.DataFrame, given: pd.DataFrame) -> pd.DataFrame:
+    """RND-DATE where RANDDAT is certainly after the first dose `given`: its earliest possible day
     after the latest day the first dose may be (partial dates count only when that settles it)."""
-    given = ex[codelists.recode(ex["EXYN"], "NY").eq("Y").fillna(False).to_numpy()]
     iso = site_date_to_iso(given["EXSTDAT"])
     first_dose = pd.DataFrame({"SUBJID": given["SUBJID"], "latest": partial_date_bounds(iso)[1], "date": iso})
     first_dose = (first_dose.dropna(subset=["latest"]).sort_values(["SUBJID", "latest"], kind="stable")
@@ -73,8 +72,9 @@ def reconcile(randomization: pd.DataFrame, validated: dict[str, pd.DataFrame]):
     out.append(findings.for_rows("RND-MISSING", missing, value=missing["SUBJID"], detail=missing["RANDNO"]))
 
     ex = validated["ex"]
-    out.append(_randomized_after_dosing(usable, ex))
-    unknown = ex["SUBJID"].isin(missing["SUBJID"]) & codelists.recode(ex["EXYN"], "NY").eq("Y").fillna(False)
+    given = codelists.recode(ex["EXYN"], "NY").eq("Y").fillna(False)
+    out.append(_randomized_after_dosing(usable, ex[given.to_numpy()]))
+    unknown = ex["SUBJID"].isin(missing["SUBJID"]) & given
     out.append(findings.for_rows("RND-TREATMENT-UNKNOWN", ex[unknown], value=ex.loc[unknown, "SUBJID"]))
     validated = {**validated, "ex": ex[~unknown]}
     return validated, reconciled.sort_values("SUBJID").reset_index(drop=True), findings.combine(out)

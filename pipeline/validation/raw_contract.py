@@ -422,7 +422,23 @@ def validate_file(name: str, frame: pd.DataFrame, known_subjects: pd.Series | No
     return findings.combine(out)
 
 
-def _held_doses_that_may_be_first_or_last(ex: pd.DataFrame, held: pd.Series, subjects: pd.Series) -> pd.DataFrame:
+def _hold_back_subjects(raw: dict[str, pd.DataFrame], held: dict[str, pd.Series], subjects: pd.Series,
+                        detail: str | pd.Series) -> list[pd.DataFrame]:
+    """RAW-SUBJECT-HELD on every record of `subjects` not held back yet, in every file (`held` is
+    updated); `detail` is the reason, one text or one per subject (indexed by SUBJID)."""
+    out = []
+    for name in metadata.RAW_FILES:
+        frame = raw[name]
+        cascade = ~held[name] & in_set(frame["SUBJID"], subjects)
+        subjids = frame.loc[cascade, "SUBJID"]
+        out.append(findings.for_rows("RAW-SUBJECT-HELD", frame[cascade], value=subjids,
+                                     detail=detail if isinstance(detail, str) else lookup(subjids, detail)))
+        held[name] |= cascade
+    return out
+
+
+def _held_doses_that_may_be_first_or_last(ex: pd.DataFrame, exyn: pd.Series, held: pd.Series,
+                                          subjects: pd.Series) -> pd.DataFrame:
     """Held-back ex.csv records of `subjects` (enrolled, otherwise good) that may be the first or
     last dose given, or the final planned one (recorded given or not, it ends the treatment epoch):
     RFSTDTC, every --DY and EPOCH, ACTARM and the end of treatment would be derived without them,
@@ -433,11 +449,11 @@ def _held_doses_that_may_be_first_or_last(ex: pd.DataFrame, held: pd.Series, sub
     order = scheduled_visit_number(ex["VISIT"])
     table = schedule()
     final = order.eq(float(table.loc[table["dose"], "visitnum"].max()))
-    not_given = codelists.recode(ex["EXYN"], "NY").eq("N").fillna(False).astype(bool)
+    not_given = exyn.eq("N").fillna(False).astype(bool)
     candidate = held & own_site & in_set(ex["SUBJID"], subjects) & (~not_given | final)
     if not candidate.any():
         return ex.iloc[:0]
-    given = ~held & codelists.recode(ex["EXYN"], "NY").eq("Y").fillna(False)
+    given = ~held & exyn.eq("Y").fillna(False)
     span = order[given].groupby(ex.loc[given, "SUBJID"]).agg(["min", "max"])
     rows, position = ex[candidate.to_numpy()], order[candidate]
     first, last = lookup(rows["SUBJID"], span["min"]), lookup(rows["SUBJID"], span["max"])
@@ -497,19 +513,14 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
     held["dm"] |= no_enrol | enrol_held
 
     good_subjects = dm.loc[~held["dm"], "SUBJID"]
-    for name in metadata.RAW_FILES:
-        if name == "dm":
-            continue
-        frame = raw[name]
-        cascade = ~held[name] & in_set(frame["SUBJID"], dm["SUBJID"]) & ~in_set(frame["SUBJID"], good_subjects)
-        extra.append(findings.for_rows("RAW-SUBJECT-HELD", frame[cascade], value=frame.loc[cascade, "SUBJID"],
-                                       detail="its dm.csv or enrol.csv record is held back"))
-        held[name] |= cascade
+    extra += _hold_back_subjects(raw, held, dm.loc[~in_set(dm["SUBJID"], good_subjects).to_numpy(), "SUBJID"],
+                                 "its dm.csv or enrol.csv record is held back")
 
     ex = raw["ex"]
     enrolment = enrol[~held["enrol"]].drop_duplicates("SUBJID").set_index("SUBJID")
     enrolled_flag = ex["SUBJID"].map(enrolment["ENRLFL"])
-    given = codelists.recode(ex["EXYN"], "NY").eq("Y").fillna(False)
+    exyn = codelists.recode(ex["EXYN"], "NY")
+    given = exyn.eq("Y").fillna(False)
     not_enrolled = ~held["ex"] & given & codelists.recode(enrolled_flag, "NY").ne("Y").fillna(False)
     extra.append(findings.for_rows("RAW-DOSE-NOT-ENROLLED", ex[not_enrolled], value=ex.loc[not_enrolled, "SUBJID"],
                                    detail=enrolled_flag[not_enrolled]))
@@ -521,19 +532,13 @@ def validate_raw(raw: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame],
     extra.append(findings.for_rows("RAW-EXPANSION-DOSE", ex[dose_on_kit], column="EXDOSE"))
     extra.append(_death_without_fatal_ae(raw["mrs"][~held["mrs"]], raw["ae"][~held["ae"]]))
     enrolled = enrolment.index[codelists.recode(enrolment["ENRLFL"], "NY").eq("Y").fillna(False).to_numpy()]
-    moving = _held_doses_that_may_be_first_or_last(ex, held["ex"], good_subjects[in_set(good_subjects, enrolled)])
+    moving = _held_doses_that_may_be_first_or_last(ex, exyn, held["ex"], good_subjects[in_set(good_subjects, enrolled)])
     if len(moving):
         rows = moving.sort_values("src_row")["src_row"].astype("str")
-        where = "ex.csv row " + rows.groupby(moving["SUBJID"]).agg(", ".join)
-        for name in metadata.RAW_FILES:
-            frame = raw[name]
-            cascade = ~held[name] & in_set(frame["SUBJID"], moving["SUBJID"])
-            extra.append(findings.for_rows(
-                "RAW-SUBJECT-HELD", frame[cascade], value=frame.loc[cascade, "SUBJID"],
-                detail="its dose record at " + lookup(frame.loc[cascade, "SUBJID"], where) + " is held back and may "
-                       "be its first or last dose, or the final planned one, on which its reference dates, study "
-                       "days and epochs depend"))
-            held[name] |= cascade
+        extra += _hold_back_subjects(raw, held, moving["SUBJID"], (
+            "its dose record at ex.csv row " + rows.groupby(moving["SUBJID"]).agg(", ".join) + " is held back and "
+            "may be its first or last dose, or the final planned one, on which its reference dates, study days "
+            "and epochs depend"))
     validated = {name: rows_where(raw[name], ~held[name]) for name in metadata.RAW_FILES}
     coordinates = ["src_site", "src_transfer", "src_file", "src_row"]
     held_rows = pd.concat([raw[name].loc[held[name].to_numpy(), coordinates] for name in metadata.RAW_FILES],
