@@ -355,6 +355,19 @@ def test_unscheduled_visits_are_told_apart_by_their_date():
     assert duplicate_rows("mrs", rows) == [1, 2, 3, 4]
 
 
+def test_a_duplicate_names_every_row_holding_its_key():
+    """Each copy's message lists the rows that hold the same key as mapped, however written, so
+    the site can reconcile them; two keys duplicated in one file are kept apart."""
+    schema = metadata.raw_schema("lb")
+    rows = [LB_KEYS, {**LB_KEYS, "LBTEST": "Platelets"}, {**LB_KEYS, "LBDAT": "2026-03-07", "LBTEST": "ANC"},
+            {**LB_KEYS, "LBTEST": "Platelets"}]
+    frame = raw_frame("lb", rows).assign(src_row=[2, 5, 9, 14])
+    (rule,) = [r for r in record_rules(schema) if r.rule == "RAW-DUPLICATE"]
+    detail = rule.describe(frame)["detail"].tolist()
+    assert [d.split(" (")[1] for d in detail] == ["rows 2, 9)", "rows 5, 14)", "rows 2, 9)", "rows 5, 14)"]
+    assert detail[2].startswith("SUBJID / VISIT / LBTEST / LBSPEC / LBDAT / LBTIM = 01-001 / DAY 7 / ANC / SERUM / 2026-03-07 / ")
+
+
 def test_a_value_with_control_characters_is_shown_on_one_line():
     """A NUL or a line break inside a raw value is escaped in the message, not copied into it."""
     from pipeline.findings import render

@@ -207,6 +207,22 @@ def _when_text(when: dict) -> str:
     return " and ".join(f"{c} = {v}" for c, v in when.items())
 
 
+def _record_key(p: Parsed, keys: list[str]) -> pd.Series:
+    """One integer per row for its key as mapped, within its site."""
+    return pd.Series(combined_rank([p.canonical_codes(c) for c in keys] + [null_coded(p.frame["src_site"])]),
+                     index=p.frame.index)
+
+
+def _duplicate_detail(p: Parsed, keys: list[str]) -> pd.Series:
+    """The row's key as written, and every row of its file that holds the same key as mapped
+    (the copies may differ in writing: a date in either format, a test by an alias), so that
+    the site knows which records to reconcile."""
+    rows = p.frame
+    copies = rows["src_row"].astype("str").groupby(_record_key(p, keys)).transform(", ".join)
+    return (rows[keys].astype("str").fillna("").agg(" / ".join, axis=1).radd(" / ".join(keys) + " = ")
+            + " (rows " + copies + ")")
+
+
 def record_rules(schema: dict) -> list[RawRule]:
     """The file's cross-field rules, from its `keys` and `record_rules` (and, for columns whose
     date column is declared, times and unscheduled visits that a partial date cannot carry)."""
@@ -217,12 +233,8 @@ def record_rules(schema: dict) -> list[RawRule]:
             if spec.get("kind") == "visit" and spec.get("date") and not spec.get("dosing_only")]
     keys = schema.get("keys")
     if keys:
-        def unique(p: Parsed, k=keys) -> pd.Series:
-            key = combined_rank([p.canonical_codes(c) for c in k] + [null_coded(p.frame["src_site"])])
-            return ~pd.Series(key, index=p.frame.index).duplicated(keep=False)
-
-        out.append(RawRule("RAW-DUPLICATE", None, unique, lambda rows, k=keys: {
-            "detail": rows[k].astype("str").fillna("").agg(" / ".join, axis=1).radd(" / ".join(k) + " = ")}))
+        out.append(RawRule("RAW-DUPLICATE", None, lambda p, k=keys: ~_record_key(p, k).duplicated(keep=False),
+                           lambda rows, k=keys: {"detail": _duplicate_detail(Parsed(rows, columns), k)}))
     for item in schema.get("record_rules", []):
         rule = item["rule"]
         if rule in ("RAW-REQUIRED-IF", "RAW-EMPTY-IF"):
