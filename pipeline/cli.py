@@ -61,7 +61,10 @@ def build_parser() -> Parser:
     run = commands.add_parser("run", help="ingest, validate, map and publish through Dagster")
     run.add_argument("--exports", required=True, type=Path, help="exports root (read only)")
     run.add_argument("--output", required=True, type=Path, help="output folder of this blinding zone")
-    run.add_argument("--unblinded", action="store_true", help=f"unblinded zone (also {ZONE_ENV}=1)")
+    zone = run.add_mutually_exclusive_group()
+    zone.add_argument("--unblinded", action="store_true", help=f"unblinded zone (also {ZONE_ENV}=1)")
+    zone.add_argument("--blinded", action="store_true",
+                      help=f"blinded zone, refusing to run if {ZONE_ENV} says unblinded (the default zone)")
     run.add_argument("--lock-timeout", type=seconds, default=30.0,
                      help="seconds to wait for another run on the same output folder (default 30)")
 
@@ -102,13 +105,18 @@ def demo_data(args) -> int:
 
 
 def zone_of(args) -> str:
-    """--unblinded, or MESAE_UNBLINDED; the variable is checked either way, as the code location
-    (loaded by the run as well) refuses a value that is neither yes nor no."""
+    """--unblinded, --blinded or MESAE_UNBLINDED; the variable is checked either way, as the code
+    location (loaded by the run as well) refuses a value that is neither yes nor no, and a flag
+    that contradicts it is refused: a shell that inherited the other zone's setting is a mistake."""
     try:
         from_environment = zone_from_environment()
     except ValueError as error:
         raise UsageError(str(error)) from None
-    return "unblinded" if args.unblinded else from_environment
+    asked = "unblinded" if args.unblinded else "blinded" if getattr(args, "blinded", False) else None
+    if asked is not None and os.environ.get(ZONE_ENV, "").strip() and asked != from_environment:
+        raise UsageError(f"--{asked} contradicts {ZONE_ENV}={os.environ[ZONE_ENV]!r} ({from_environment}); "
+                         f"unset {ZONE_ENV} or drop the flag")
+    return asked or from_environment
 
 
 def dagster_home(zone: str) -> Path:

@@ -49,8 +49,8 @@ def build_definitions(exports: str | Path, output: str | Path, zone: str = "blin
     return dg.Definitions(
         assets=assets, jobs=[job],
         schedules=[build_schedule(job)], sensors=[build_sensor(job, exports), failure_guidance_sensor],
-        resources={"settings": StudySettings(exports_dir=exports, output_dir=output, zone=zone,
-                                             lock_timeout_seconds=lock_timeout_seconds),
+        resources={"settings": StudySettings.for_zone(zone, exports_dir=exports, output_dir=output,
+                                                      lock_timeout_seconds=lock_timeout_seconds),
                    "store": AssetStore(output_dir=output)},
         executor=dg.in_process_executor,
     )

@@ -40,7 +40,8 @@ def zone_from_environment() -> str:
     value that is neither yes nor no is refused rather than taken as blinded."""
     flag = os.environ.get(ZONE_ENV, "").strip().lower()
     if flag not in ("", "0", "1", "true", "false", "yes", "no"):
-        raise ValueError(f"{ZONE_ENV} must be 1 or 0, not {flag!r}")
+        raise ValueError(f"{ZONE_ENV} must be 1, true or yes (unblinded) or empty, 0, false or no (blinded), "
+                         f"not {flag!r}")
     return "unblinded" if flag in ("1", "true", "yes") else "blinded"
 
 
@@ -91,17 +92,26 @@ class OutputFolder:
 
     def check(self, exports: Path) -> None:
         """Refuses a folder of the other zone, inside the exports root or inside another output
-        folder (`<blinded>/sdtm` resolves into a blinded release), or holding foreign files."""
+        folder (`<blinded>/sdtm` resolves into a blinded release), holding the exports root or
+        another output folder, or holding foreign files."""
         root, exports = self.root.resolve(), Path(exports).resolve()
         if root == exports or exports in root.parents:
             raise OutputFolderError(f"output folder {self.root} is inside the exports folder {exports}; "
                                     "the pipeline never writes there")
+        if root in exports.parents:
+            raise OutputFolderError(f"the exports folder {exports} is inside the output folder {self.root}; whoever "
+                                    "is given the outputs would get the exports (with unblinded/) too")
         for outer in [*self.root.absolute().parents, *root.parents]:
             zone = OutputFolder(outer, self.zone).recorded_zone()
             if zone in ZONES:   # another tool's run.json higher up is not an output folder
                 raise OutputFolderError(
                     f"output folder {self.root} is inside the {zone} output folder {outer}; an output folder "
                     "never nests in another (its releases would mix with the other's; use another --output folder)")
+        inner = self._inner_output_folder()
+        if inner is not None:
+            raise OutputFolderError(
+                f"output folder {self.root} holds the {inner[1]} output folder {inner[0]}; an output folder never "
+                "nests in another (whoever is given the outer one gets both; use another --output folder)")
         self.check_zone()
         for entry in PUBLISHED_ENTRIES:
             path = self.root / entry
@@ -116,6 +126,21 @@ class OutputFolder:
         if self.state.exists() and not self.state.is_dir():
             raise OutputFolderError(f"{self.state} exists and is not mesae's state folder; move it away or use "
                                     "another --output")
+
+    def _inner_output_folder(self) -> tuple[Path, str] | None:
+        """An output folder below this one (our own state folder aside), with its zone."""
+        if not self.root.is_dir():
+            return None
+        for folder, subfolders, _ in os.walk(self.root):
+            if Path(folder) == self.root and STATE in subfolders:
+                subfolders.remove(STATE)
+            for name in subfolders:
+                if (Path(folder) / name).is_symlink():   # our published entries, or a link out
+                    continue
+                zone = OutputFolder(Path(folder) / name, self.zone).recorded_zone()
+                if zone in ZONES:
+                    return Path(folder) / name, zone
+        return None
 
     def claim(self) -> None:
         """Records the zone of a new folder. The first run to record it wins: a marker is never

@@ -9,6 +9,7 @@ import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 import dagster as dg
 import pandas as pd
@@ -45,14 +46,26 @@ def check_instance_zone(instance, zone: str) -> None:
 
 
 class StudySettings(dg.ConfigurableResource):
-    """Exports root, output folder and blinding zone of a run; holds the output folder's lock
-    for the whole run (the job runs in one process)."""
+    """Exports root and output folder of a run; holds the output folder's lock for the whole run
+    (the job runs in one process).
+
+    The blinding zone is not configuration: each zone's definitions carry their own subclass
+    (`for_zone`), so a run config or the launchpad cannot point one zone's assets at the other
+    zone's output folder and instance, whose checks would then pass."""
 
     exports_dir: str
     output_dir: str
-    zone: str = "blinded"
     lock_timeout_seconds: float = 30.0
+    ZONE: ClassVar[str]
     _folder: OutputFolder | None = PrivateAttr(default=None)
+
+    @staticmethod
+    def for_zone(zone: str, **config) -> StudySettings:
+        return {"blinded": BlindedStudySettings, "unblinded": UnblindedStudySettings}[zone](**config)
+
+    @property
+    def zone(self) -> str:
+        return self.ZONE
 
     @property
     def exports(self) -> Path:
@@ -80,6 +93,14 @@ class StudySettings(dg.ConfigurableResource):
         if self._folder is not None:
             self._folder.release()
             self._folder = None
+
+
+class BlindedStudySettings(StudySettings):
+    ZONE: ClassVar[str] = "blinded"
+
+
+class UnblindedStudySettings(StudySettings):
+    ZONE: ClassVar[str] = "unblinded"
 
 
 _STALE_NUMBERS = itertools.count()

@@ -29,8 +29,11 @@ import pyarrow.csv as pacsv
 
 from pipeline import findings, metadata
 
-SITE_FOLDER = re.compile(r"^site-(\d{2})$")
-LIKE_SITE_FOLDER = re.compile(r"site[-_ ]?\d+", re.IGNORECASE)
+# Used with fullmatch: `$` would accept a trailing line break and `\d` other scripts' digits.
+SITE_FOLDER = re.compile(r"site-([0-9]{2})")
+# Used with search: a sync tool's `site-03 (1)`, a `site-05.bak` or `Site-03` is a site's data
+# under a wrong name, listed as REJECTED rather than skipped.
+LIKE_SITE_FOLDER = re.compile(r"site.*\d", re.IGNORECASE | re.DOTALL)
 TRANSFER_FOLDER = re.compile(r"^\d{8}T\d{6}$")
 ENCODINGS = {"utf-8": "utf-8", "gb18030": "gb18030"}
 MANIFEST = "manifest.json"
@@ -80,7 +83,7 @@ def list_transfers(root: Path) -> list[Transfer]:
     """Every transfer folder of every site, oldest first per site; nothing is read yet."""
     transfers = []
     for name in _root_entries(root):
-        match = SITE_FOLDER.match(name)
+        match = SITE_FOLDER.fullmatch(name)
         if not match or not (root / name).is_dir():
             continue
         site_dir = root / name
@@ -108,11 +111,11 @@ def _root_entries(root: Path) -> list[str]:
 
 
 def misnamed_site_folders(root: Path) -> list[Transfer]:
-    """Folders that look like a site's (`site-3`, `site-003`) but are not `site-<two digits>`:
+    """Folders that look like a site's (`site-3`, `site-03 (1)`) but are not `site-<two digits>`:
     REJECTED with the reason, so that a site's data never vanishes without a word."""
     out = []
     for name in _root_entries(root):
-        if LIKE_SITE_FOLDER.fullmatch(name) and not SITE_FOLDER.match(name) and (root / name).is_dir():
+        if LIKE_SITE_FOLDER.search(name) and not SITE_FOLDER.fullmatch(name) and (root / name).is_dir():
             transfer = Transfer(site=None, name=name, path=root / name, status="REJECTED")
             transfer.problem("TRF-SITE-FOLDER", value=name)
             out.append(transfer)
@@ -120,7 +123,7 @@ def misnamed_site_folders(root: Path) -> list[Transfer]:
 
 
 def has_site_folders(root: Path) -> bool:
-    return any(SITE_FOLDER.match(name) and (root / name).is_dir() for name in _root_entries(root))
+    return any(SITE_FOLDER.fullmatch(name) and (root / name).is_dir() for name in _root_entries(root))
 
 
 def _valid_folder_time(name: str) -> bool:

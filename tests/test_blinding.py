@@ -230,6 +230,40 @@ def test_no_output_folder_nests_in_another(zones, capsys, inside):
     assert published(blinded) == before and sorted(blinded.rglob("*")) == files
 
 
+def test_no_output_folder_holds_another_or_the_exports(zones, capsys):
+    """Looking down as well as up: a blinded run into a folder that already holds an unblinded
+    output folder (or the exports, with unblinded/) published around it."""
+    exports, root = zones["root"] / "exports", zones["root"]
+    outer = root / "outer"
+    shutil.copytree(zones["outputs"]["unblinded"], outer / "team" / "unblinded", symlinks=True)
+    assert run_cli("run", "--exports", str(exports), "--output", str(outer), home=root / "home-blinded") == 2
+    assert f"holds the unblinded output folder {outer / 'team' / 'unblinded'}" in capsys.readouterr().err
+    assert not (outer / "run.json").exists()
+    assert run_cli("run", "--exports", str(exports), "--output", str(root), home=root / "home-blinded") == 2
+    assert f"the exports folder {exports.resolve()} is inside the output folder" in capsys.readouterr().err
+
+
+def test_the_zone_is_not_run_configuration(zones):
+    """A launchpad config naming the blinded folder, run by the unblinded code location, published
+    the arms into the blinded folder: the zone is no longer a config field, and the unblinded
+    assets refuse a blinded folder whatever the config says."""
+    import dagster as dg
+
+    from pipeline.definitions import JOB_NAME, build_definitions
+
+    exports, blinded = zones["root"] / "exports", zones["outputs"]["present"]
+    before = published(blinded)
+    job = build_definitions(exports, zones["root"] / "unblinded-elsewhere", "unblinded").get_job_def(JOB_NAME)
+    config = {"exports_dir": str(exports), "output_dir": str(blinded), "lock_timeout_seconds": 30}
+    with pytest.raises(dg.DagsterInvalidConfigError, match="zone"):
+        job.execute_in_process(run_config={"resources": {"settings": {"config": {**config, "zone": "blinded"}}}},
+                               instance=dg.DagsterInstance.ephemeral())
+    result = job.execute_in_process(run_config={"resources": {"settings": {"config": config}}},
+                                    instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert not result.success
+    assert published(blinded) == before
+
+
 @pytest.mark.parametrize("value, zone", [("1", "unblinded"), ("TRUE", "unblinded"), (" Yes ", "unblinded"),
                                          ("", "blinded"), ("0", "blinded"), ("no", "blinded"),
                                          ("2", None), ("on", None)])
@@ -243,12 +277,30 @@ def test_the_zone_variable_reads_the_same_for_the_cli_and_dagster_dev(monkeypatc
 
     monkeypatch.setenv("MESAE_UNBLINDED", value)
     if zone is None:
-        with pytest.raises(ValueError, match="must be 1 or 0"):
+        with pytest.raises(ValueError, match="must be 1, true or yes"):
             zone_from_environment()
         with pytest.raises(UsageError):
             zone_of(argparse.Namespace(unblinded=False))
     else:
         assert zone_from_environment() == zone == zone_of(argparse.Namespace(unblinded=False))
+
+
+@pytest.mark.parametrize("value, flag, zone", [("0", "--unblinded", None), ("no", "--unblinded", None),
+                                               ("1", "--blinded", None), ("yes", "--blinded", None),
+                                               ("", "--blinded", "blinded"), ("", "--unblinded", "unblinded"),
+                                               ("1", "--unblinded", "unblinded"), ("0", "--blinded", "blinded")])
+def test_a_zone_flag_that_contradicts_the_variable_is_refused(monkeypatch, value, flag, zone):
+    """`MESAE_UNBLINDED=0 mesae run --unblinded` ran unblinded in silence, and a blinded user whose
+    shell inherited MESAE_UNBLINDED=1 had no way to insist on the blinded zone."""
+    from pipeline.cli import UsageError, build_parser, zone_of
+
+    monkeypatch.setenv("MESAE_UNBLINDED", value)
+    args = build_parser().parse_args(["run", "--exports", "e", "--output", "o", flag])
+    if zone is None:
+        with pytest.raises(UsageError, match=f"{flag} contradicts MESAE_UNBLINDED"):
+            zone_of(args)
+    else:
+        assert zone_of(args) == zone
 
 
 def test_randomization_inconsistencies_are_findings(tmp_path):

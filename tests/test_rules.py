@@ -355,6 +355,26 @@ def test_unscheduled_visits_are_told_apart_by_their_date():
     assert duplicate_rows("mrs", rows) == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("other, duplicate", [("1", True), ("01", True), ("+1", True), ("001", True),
+                                               ("10", False), ("1a", False), ("A1", False), (" 1", False)])
+def test_event_numbers_compare_by_value(other, duplicate):
+    """AESPID is the site's event number, unique within the subject: `1` and `01` were mapped as
+    two adverse events. Text that is not a number compares as written."""
+    base = {"SUBJID": "01-001", "AESPID": "1", "site": "01"}
+    assert duplicate_rows("ae", [base, {**base, "AESPID": other}]) == ([0, 1] if duplicate else [])
+    assert duplicate_rows("ae", [{**base, "AESPID": "A01"}, {**base, "AESPID": "A1"}]) == []
+
+
+def test_a_screening_only_value_without_a_visit_is_left_to_raw_required():
+    """A PRE-MORBID mRS with VISIT empty said "only collected at SCREENING, found at " (nothing)
+    beside RAW-REQUIRED; it is one finding now, and a wrong visit is still caught."""
+    schema = metadata.raw_schema("mrs")
+    (rule,) = [r for r in record_rules(schema) if r.rule == "RAW-ONLY-AT-VISIT"]
+    base = {"SUBJID": "01-001", "MRSTYPE": "PRE-MORBID", "MRSDAT": "01 MAR 2026", "site": "01"}
+    rows = [{**base, "VISIT": None}, {**base, "VISIT": "DAY 7"}, {**base, "VISIT": "SCREENING"}]
+    assert rule.passes(Parsed(raw_frame("mrs", rows), schema["columns"])).tolist() == [True, False, True]
+
+
 def test_a_duplicate_names_every_row_holding_its_key():
     """Each copy's message lists the rows that hold the same key as mapped, however written, so
     the site can reconcile them; two keys duplicated in one file are kept apart."""

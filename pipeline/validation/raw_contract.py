@@ -82,7 +82,7 @@ class Parsed:
 
     def canonical(self, column: str) -> pd.Series:
         """Values as the pipeline compares them: codes recoded, dates in ISO, unscheduled visits
-        told apart by their date, test names as LBTESTCD."""
+        told apart by their date, test names as LBTESTCD, numbers kept as text by their value."""
         values = self.frame[column]
         spec = self.columns[column]
         kind = spec.get("kind")
@@ -92,6 +92,9 @@ class Parsed:
             return self.iso(column).fillna(values)
         if kind == "lab_test":
             return self.test_code(column).fillna(values)
+        if spec.get("compare_as") == "number":   # an event number: `01` and `+1` are `1`
+            digits = values.str.fullmatch(r"\+?[0-9]+").fillna(False).astype(bool)
+            return values.where(~digits, values.str.lstrip("+").str.lstrip("0").replace("", "0"))
         if kind == "visit" and spec.get("date"):
             unscheduled = values == metadata.visits()["unscheduled"]["visit"]
             dated = values + "@" + self.iso(spec["date"]).fillna(self.frame[spec["date"]]).fillna("")
@@ -255,7 +258,9 @@ def record_rules(schema: dict) -> list[RawRule]:
             column, value, visit = item["column"], item["value"], item["visit"]
             out.append(RawRule(rule, column,
                                lambda p, c=column, v=value, vi=visit:
-                               ~(p.canonical(c).eq(v).fillna(False) & p.frame["VISIT"].ne(vi).fillna(True)),
+                               # a missing VISIT is RAW-REQUIRED's finding, not "found at" nothing
+                               ~(p.canonical(c).eq(v).fillna(False) & p.frame["VISIT"].notna()
+                                 & p.frame["VISIT"].ne(vi)),
                                lambda rows, c=column, vi=visit: {"value": rows[c], "expected": vi, "detail": rows["VISIT"]}))
         elif rule == "RAW-RESULT-STATUS":
             result, status = item["result"], item["status"]
