@@ -25,9 +25,9 @@ from pipeline import metadata
 from pipeline.derivations import codelists
 from pipeline.derivations import lab_unit_conversions as labs
 from pipeline.derivations.baseline import apart_values, last_observation_before_exposure
-from pipeline.derivations.distinct_values import as_text, in_set, lookup
+from pipeline.derivations.distinct_values import as_text, factorized, in_set, lookup
 from pipeline.derivations.dose_labels import dose_particles
-from pipeline.derivations.iso_dates import iso_datetime, site_date_to_iso
+from pipeline.derivations.iso_dates import is_complete_date, iso_datetime, site_date_to_iso
 from pipeline.derivations.sequence import sequence_number, sort_by_keys
 from pipeline.derivations.study_day import study_day
 from pipeline.derivations.visits import epoch, scheduled_visit_number, visit_name, visit_number
@@ -220,6 +220,8 @@ def _subject_aggregate(work: Work, spec: dict, how: str) -> pd.Series:
     values = spec["value"] if isinstance(spec["value"], list) else [spec["value"]] * len(files)
     parts = [_rows_from(work, f, {**spec, "value": v})[0] for f, v in zip(files, values)]
     stacked = pd.concat(parts, ignore_index=True).dropna(subset=["value"])
+    if spec.get("complete_only"):
+        stacked = stacked[is_complete_date(stacked["value"]).to_numpy()]
     if "order_by_visit" in spec:
         ordered = stacked.sort_values(["SUBJID", "order", "value"], kind="stable").groupby("SUBJID")["value"]
         per_subject = ordered.first() if how == "min" else ordered.last()
@@ -327,11 +329,24 @@ def visit_name_algorithm(work: Work, spec: dict) -> pd.Series:
 
 
 def epoch_algorithm(work: Work, spec: dict) -> pd.Series:
-    dtc, first, last, complete = work.sources(spec)
+    """Sources: the record's date, the first and last dose, whether dosing is complete, and
+    optionally the subject's earliest and latest complete dose dates, which bound a partial
+    first or last dose; those are looked up only when a dose date is partial."""
+    sources = work.sources({"source": spec["source"][:4]})
+    dtc, first, last, complete = sources
     first_day = spec.get("first_dose_day", "TREATMENT")
     if first_day not in ("TREATMENT", "SCREENING"):
         raise MappingError(f"epoch: first_dose_day is TREATMENT or SCREENING, not {first_day!r}")
-    return _text(epoch(dtc, first, last, complete.eq("Y"), pre_dose_on_first_dose_day=first_day == "SCREENING"))
+    bounds = []
+    if len(spec["source"]) > 4 and (_has_partial_date(first) or _has_partial_date(last)):
+        bounds = work.sources({"source": spec["source"][4:]})
+    return _text(epoch(dtc, first, last, complete.eq("Y"), *bounds,
+                       pre_dose_on_first_dose_day=first_day == "SCREENING"))
+
+
+def _has_partial_date(iso: pd.Series) -> bool:
+    distinct = pd.Series(factorized(iso)[1], dtype="str")
+    return bool((~is_complete_date(distinct)).any())
 
 
 def study_day_algorithm(work: Work, spec: dict) -> pd.Series:
@@ -405,8 +420,8 @@ def implied_sources(algorithm: str | None) -> list[tuple[str, str]]:
 # mapping is a typo that would otherwise be ignored silently.
 PARAMETERS = {
     "hardcode": {"value", "when", "when_present"}, "recode": {"codelist", "default"},
-    "subject_first": {"from", "where", "value", "order_by_visit"},
-    "subject_last": {"from", "where", "value", "order_by_visit"},
+    "subject_first": {"from", "where", "value", "order_by_visit", "complete_only"},
+    "subject_last": {"from", "where", "value", "order_by_visit", "complete_only"},
     "subject_flag": {"from", "where"}, "arm": {"part"}, "visit_attribute": {"attribute"},
     "data_cutoff": {"when"}, "lab_test_attribute": {"attribute"}, "lab_standard_result": {"part"},
     "baseline_flag": {"group", "apart", "exclude_when_present"}, "epoch": {"first_dose_day"},

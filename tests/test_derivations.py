@@ -265,6 +265,22 @@ def test_baseline_flag_last_result_on_or_before_first_dose():
     assert values(flag) == [None, "Y", None, None, None, "Y"]
 
 
+def test_baseline_flag_with_a_partial_first_dose_places_what_it_can():
+    """A first dose dated `2026-04` removed every baseline flag of its subject: a sample of
+    2026-03-31 is before every day the dose may be. A sample within April may be the real last
+    one, so its group gets no flag; after April is after the dose."""
+    rows = [("A", "2026-03-31", "2026-04"), ("A", "2026-04-10", "2026-04"),            # blocked
+            ("B", "2026-03-20", "2026-04"), ("B", "2026-03-31", "2026-04"), ("B", "2026-05-02", "2026-04"),
+            ("C", "2026-04-01", "2026-04"),                                              # its first day
+            ("D", "2025-12-31", "2026"), ("D", "2026-01-02", "2026"),                    # blocked
+            ("E", "2025-12-31", "2026"), ("E", "2027-01-01", "2026"),
+            ("F", "2026-03-31", "2026-04-03"), ("F", "2026-04-10", "2026-04-03")]        # complete: as before
+    frame = pd.DataFrame(rows, columns=["USUBJID", "DTC", "REF"]).assign(TESTCD="HGB")
+    flag = last_observation_before_exposure(frame, "DTC", "REF", pd.Series(True, index=frame.index),
+                                            ["USUBJID", "TESTCD"])
+    assert values(flag) == [None, None, None, "Y", None, "Y", None, None, "Y", None, "Y", None]
+
+
 def test_baseline_flag_skips_records_without_result():
     frame = pd.DataFrame({"USUBJID": ["A", "A"], "TESTCD": ["HGB", "HGB"], "DTC": ["2026-03-01", "2026-03-05"],
                           "REF": ["2026-03-07", "2026-03-07"]})
@@ -358,6 +374,31 @@ def test_epoch_of_findings_on_the_first_dose_day(dtc, first, expected):
     (or a dose without one) is pre-dose."""
     result = epoch(pd.Series([dtc], dtype="str"), pd.Series([first], dtype="str"),
                    pd.Series(["2026-04-04"], dtype="str"), pd.Series([True]), pre_dose_on_first_dose_day=True)
+    assert values(result) == [expected]
+
+
+@pytest.mark.parametrize("dtc, first, last, by, since, expected", [
+    # last dose (Day 28) partial, Day 21 given complete on 04-24: a Day 7 / Day 14 sample is treatment
+    ("2026-04-08", "2026-04-03T09:00", "2026-04", "2026-04-03T09:00", "2026-04-24T11:15", "TREATMENT"),
+    ("2026-04-15", "2026-04-03T09:00", "2026-04", "2026-04-03T09:00", "2026-04-24T11:15", "TREATMENT"),
+    ("2026-04-24", "2026-04-03T09:00", "2026-04", "2026-04-03T09:00", "2026-04-24T11:15", "TREATMENT"),
+    ("2026-04-30", "2026-04-03T09:00", "2026-04", "2026-04-03T09:00", "2026-04-24T11:15", None),   # either side
+    ("2026-05-02", "2026-04-03T09:00", "2026-04", "2026-04-03T09:00", "2026-04-24T11:15", "FOLLOW-UP"),
+    ("2026-04-08", "2026-04-03T09:00", "2026-04", None, None, None),            # without the bounds, as before
+    # first dose (Day 1) partial, Day 2 given complete on 04-04: Day 7 is treatment, 03-31 screening
+    ("2026-04-10", "2026-04", "2026-05-01", "2026-04-04T09:00", "2026-05-01", "TREATMENT"),
+    ("2026-04-05", "2026-04", "2026-05-01", "2026-04-04T09:00", "2026-05-01", "TREATMENT"),
+    ("2026-04-02", "2026-04", "2026-05-01", "2026-04-04T09:00", "2026-05-01", None),
+    ("2026-03-31", "2026-04", "2026-05-01", "2026-04-04T09:00", "2026-05-01", "SCREENING"),
+    # a complete dose keeps its own date even if another dose is dated out of order
+    ("2026-04-20", "2026-04-03", "2026-04-18", "2026-04-01", "2026-04-25", "FOLLOW-UP"),
+])
+def test_epoch_with_a_partial_dose_date_narrowed_by_the_complete_ones(dtc, first, last, by, since, expected):
+    """A partial Day 28 dose nulled EPOCH on Day 7 and Day 14 records, although complete doses on
+    later days prove they are treatment; the subject's complete dose dates narrow the partial one."""
+    text = lambda v: pd.Series([v], dtype="str")   # noqa: E731
+    result = epoch(text(dtc), text(first), text(last), pd.Series([True]), text(by), text(since),
+                   pre_dose_on_first_dose_day=True)
     assert values(result) == [expected]
 
 

@@ -109,3 +109,33 @@ def test_lab_baseline_is_one_per_test_with_csf_apart(specimens, flagged):
     flag = derive(work, metadata.mapping("lb")["variables"]["LBLOBXFL"])
     assert [None if pd.isna(v) else v for v in flag] == flagged
     assert ("lb", "LBSPEC") in column_lineage(metadata.mapping("lb"), "blinded")["LBLOBXFL"]
+
+
+def test_a_partial_last_dose_is_narrowed_by_the_complete_doses_before_it():
+    """A Day 28 dose dated `UN APR 2026` left EPOCH null on the Day 7 and Day 14 samples; the
+    complete Day 21 dose (04-24) proves they are in treatment. Wired from ex.csv through DM's
+    context facts to LB's EPOCH."""
+    import pandas as pd
+
+    from pipeline import metadata
+    from pipeline.mapping_engine import MappingInputs, Work, derive
+
+    doses = [("DAY 1", "2026-04-03", "09:00"), ("DAY 7", "2026-04-09", "09:00"), ("DAY 14", "2026-04-16", "09:00"),
+             ("DAY 21", "2026-04-24", "11:15"), ("DAY 28", "UN APR 2026", None)]
+    ex = pd.DataFrame({"SUBJID": "01-001", "VISIT": [d[0] for d in doses], "EXYN": "Y",
+                       "EXSTDAT": [d[1] for d in doses], "EXSTTIM": [d[2] for d in doses]}).astype("str")
+    dm = pd.DataFrame({"SUBJID": ["01-001"]}).astype("str")
+    work = Work(dm, "dm", MappingInputs(zone="blinded", validated={"dm": dm, "ex": ex}))
+    mapping = metadata.mapping("dm")
+    facts = {"SUBJID": dm["SUBJID"]}
+    for name in ("RFXSTDTC", "RFXENDTC"):
+        facts[name] = work.out[name] = derive(work, mapping["variables"][name])
+    for name in ("ctx_dosing_complete", "ctx_first_dose_by", "ctx_last_dose_from"):
+        facts[name] = derive(work, mapping["context"][name])
+    assert facts["RFXENDTC"].tolist() == ["2026-04"] and facts["ctx_last_dose_from"].tolist() == ["2026-04-24T11:15"]
+    dates = ["2026-03-31", "2026-04-09T08:00", "2026-04-16", "2026-04-29", "2026-05-22"]
+    lb = pd.DataFrame({"SUBJID": ["01-001"] * len(dates)}).astype("str")
+    work = Work(lb, "lb", MappingInputs(zone="blinded", validated={"lb": lb}, dm=pd.DataFrame(facts)))
+    work.out["LBDTC"] = pd.Series(dates, dtype="str")
+    epoch = derive(work, metadata.mapping("lb")["variables"]["EPOCH"])
+    assert [None if pd.isna(v) else v for v in epoch] == ["SCREENING", "TREATMENT", "TREATMENT", None, "FOLLOW-UP"]

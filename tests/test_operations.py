@@ -421,7 +421,7 @@ def test_an_unusable_dagster_home_is_refused_in_one_line(tmp_path, capsys, monke
     (["--lock-timeout", "nan"], {}, "argument --lock-timeout: 'nan' is not a number of seconds; expected 0 or more"),
     (["--lock-timeout", "-5"], {}, "argument --lock-timeout: '-5' is not a number of seconds; expected 0 or more"),
     (["--lock-timeout", "soon"], {}, "argument --lock-timeout: 'soon' is not a number of seconds; expected 0 or more"),
-    (["--unblinded"], {"MESAE_UNBLINDED": "maybe"}, "MESAE_UNBLINDED must be 1 or 0, not 'maybe'"),
+    (["--unblinded"], {"MESAE_UNBLINDED": "maybe"}, "MESAE_UNBLINDED must be 1, true or yes (unblinded) or empty, 0, false or no (blinded), not 'maybe'"),
     ([], {"MESAE_SCHEDULE_CRON": "0 2 * *"}, "MESAE_SCHEDULE_CRON='0 2 * *' with MESAE_SCHEDULE_TIMEZONE="),
     ([], {"MESAE_SCHEDULE_TIMEZONE": "China/Beijing"}, "MESAE_SCHEDULE_TIMEZONE='China/Beijing' is not a schedule"),
 ])

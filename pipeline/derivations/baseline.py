@@ -3,15 +3,17 @@
 Per subject and test (plus any grouping such as the CSF specimen), the flag goes on the last record
 with a result (ORRES present, STAT not NOT DONE) whose date/time is on or before the first
 dose (RFXSTDTC). When both carry a time they compare as datetimes; a date-only record on the
-day of the first dose counts as pre-dose (sampling precedes dosing on Day 1). Partial dates
-cannot be placed and never carry the flag.
+day of the first dose counts as pre-dose (sampling precedes dosing on Day 1). Partial record
+dates cannot be placed and never carry the flag. A partial first dose (`2026-04`) still places
+the records before every day it may be: the last of them is flagged, unless a record of the
+group falls within the dose's possible days, as it may be the real last one (nothing guessed).
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.derivations.iso_dates import date_part, is_complete_date
+from pipeline.derivations.iso_dates import date_part, is_complete_date, partial_date_bounds
 
 
 def last_observation_before_exposure(
@@ -23,7 +25,17 @@ def last_observation_before_exposure(
     both_times = when.str.len().gt(10).fillna(False) & ref.str.len().gt(10).fillna(False)
     before_by_time = both_times & (when <= ref)
     before_by_date = ~both_times & (date_part(when) <= date_part(ref)).fillna(False)
-    eligible = has_result & is_complete_date(when) & (before_by_time | before_by_date)
+    placed = has_result & is_complete_date(when)
+    eligible = placed & (before_by_time | before_by_date)
+    partial_reference = ref.notna() & ~is_complete_date(ref)
+    if partial_reference.any():
+        first_day, last_day = partial_date_bounds(ref[partial_reference])
+        day = when[partial_reference].str.slice(0, 10)
+        eligible[partial_reference] = placed[partial_reference] & (day <= first_day).fillna(False)
+        undecided = placed[partial_reference] & (day > first_day).fillna(False) & (day <= last_day).fillna(False)
+        groups = frame.loc[partial_reference].groupby(group, sort=False, dropna=False).ngroup()
+        blocked = undecided.groupby(groups).transform("any")
+        eligible[partial_reference] &= ~blocked
 
     candidates = frame.loc[eligible, [*group, dtc]].copy()
     candidates["_order"] = candidates.index

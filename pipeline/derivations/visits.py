@@ -87,6 +87,7 @@ def visit_name(visit: pd.Series, visitnum: pd.Series) -> pd.Series:
 
 @on_distinct_rows
 def epoch(dtc: pd.Series, first_dose: pd.Series, last_dose: pd.Series, dosing_complete: pd.Series,
+          first_dose_by: pd.Series | None = None, last_dose_from: pd.Series | None = None,
           pre_dose_on_first_dose_day: bool = False) -> pd.Series:
     """SCREENING before the first dose, TREATMENT up to the last dose of a completed dosing
     period (or onwards while dosing continues), FOLLOW-UP after.
@@ -99,7 +100,9 @@ def epoch(dtc: pd.Series, first_dose: pd.Series, last_dose: pd.Series, dosing_co
     A partial date (of the record or of a dose) gets the epoch of every day it may be (`2025`
     before the first dose is SCREENING); null when those days span two epochs (SDTMIG: null only
     when unresolvable). The epoch moves forward with the record's date and back with the doses',
-    so the earliest and latest it can be are its value at the extreme bounds.
+    so the earliest and latest it can be are its value at the extreme bounds. A partial first
+    dose was on or before `first_dose_by` and a partial last dose on or after `last_dose_from`
+    (the subject's earliest and latest complete dose dates, when given), which narrows them.
     """
     out = _epoch_of_dates(dtc, first_dose, last_dose, dosing_complete, pre_dose_on_first_dose_day)
     partial = pd.concat([s.notna() & ~is_complete_date(s) for s in (dtc, first_dose, last_dose)], axis=1).any(axis=1)
@@ -107,10 +110,21 @@ def epoch(dtc: pd.Series, first_dose: pd.Series, last_dose: pd.Series, dosing_co
         (dtc_lo, dtc_hi), (first_lo, first_hi), (last_lo, last_hi) = (
             _bounds(s[partial]) for s in (dtc, first_dose, last_dose))
         complete = dosing_complete[partial]
+        if first_dose_by is not None:
+            first_hi = _narrowed(first_hi, first_dose[partial], first_dose_by[partial], later=False)
+            last_lo = _narrowed(last_lo, last_dose[partial], last_dose_from[partial], later=True)
         earliest = _epoch_of_dates(dtc_lo, first_hi, last_hi, complete, pre_dose_on_first_dose_day)
         latest = _epoch_of_dates(dtc_hi, first_lo, last_lo, complete, pre_dose_on_first_dose_day)
         out[partial] = earliest.where(earliest == latest)
     return out
+
+
+def _narrowed(bound: pd.Series, dose: pd.Series, known: pd.Series, later: bool) -> pd.Series:
+    """A partial dose's bound moved to a known dose date where that is tighter (ISO text
+    compares in time order); a complete dose keeps its own date."""
+    tighter = (known > bound) if later else (known < bound)
+    use = (dose.notna() & ~is_complete_date(dose) & tighter.fillna(False)).astype(bool)
+    return bound.where(~use, known)
 
 
 def _bounds(iso: pd.Series) -> tuple[pd.Series, pd.Series]:
