@@ -19,7 +19,7 @@ def subjects(n: int, anticoagulant: list[str] | None = None) -> pd.DataFrame:
     ids = [f"MESAE-01-{i:03d}" for i in range(1, n + 1)]
     return pd.DataFrame({"USUBJID": ids, "SITEID": "01", "ARMNRS": pd.Series([None] * n, dtype="str"),
                          "ctx_anticoag": anticoagulant or ["N"] * n, "ctx_phase": "ESCALATION", "ctx_cohort": "1",
-                         "AGE": 40, **coordinates(n, "dm.csv")})
+                         "AGE": 40, "RFICDTC": "2026-02-20", **coordinates(n, "dm.csv")})
 
 
 def screening_labs(rows: list[dict]) -> pd.DataFrame:
@@ -40,11 +40,19 @@ def no_records(day: str, **columns) -> pd.DataFrame:
                          "src_row": pd.Series(dtype="int64")})
 
 
-def run(dm: pd.DataFrame, frame: str, lb=None, qs=None, enrol=None) -> pd.DataFrame:
+def dated(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The record's --DTC, undated where a case does not need it."""
+    return frame if column in frame else frame.assign(**{column: pd.Series([None] * len(frame), dtype="str",
+                                                                           index=frame.index)})
+
+
+def run(dm: pd.DataFrame, frame: str, lb=None, qs=None, enrol=None, ex=None) -> pd.DataFrame:
     """The findings of the checks on one of prepare_frames' frames."""
-    frames = prepare_frames(dm, no_records("LBDY", LBTESTCD=1, LBSTRESC=1, LBNRIND=1, LBSTNRHI=1) if lb is None else lb,
-                            no_records("QSDY", QSEVINTX=1, QSSTRESN=1) if qs is None else qs, no_records("EXSTDY"),
-                            pd.DataFrame({"SUBJID": pd.Series(dtype="str")}) if enrol is None else enrol)
+    frames = prepare_frames(
+        dm, dated(no_records("LBDY", LBTESTCD=1, LBSTRESC=1, LBNRIND=1, LBSTNRHI=1) if lb is None else lb, "LBDTC"),
+        dated(no_records("QSDY", QSEVINTX=1, QSSTRESN=1) if qs is None else qs, "QSDTC"),
+        dated(no_records("EXSTDY") if ex is None else ex, "EXSTDTC"),
+        pd.DataFrame({"SUBJID": pd.Series(dtype="str")}) if enrol is None else enrol)
     return evaluate({frame: frames[frame]})[0]
 
 
@@ -168,3 +176,31 @@ def test_criteria_without_their_screening_values_are_reported_as_not_evaluable()
     assert "AST" not in missing[1] and "current mRS" not in missing[1]
     for row in (2, 3, 4):
         assert "current mRS" in missing[row] and "AST with the lab's ULN" in missing[row], missing[row]
+
+
+def test_procedures_before_informed_consent_are_reported_once_per_subject():
+    """A subject dosed 6 days before its consent date was published without a word (ICH E6
+    4.8.8: consent before participation). Only what is certainly before counts (a date at its
+    common precision with the consent's); one finding per subject names the count and the
+    earliest record, as a wrong consent date would otherwise repeat on every record."""
+    dm = subjects(3)
+    dm["RFICDTC"] = ["2026-07-05", "2026-03-01", "2026-03"]
+    ids = dm["USUBJID"].tolist()
+    ex = pd.DataFrame({"USUBJID": [ids[0], ids[0], ids[1]], "VISIT": "DAY 1",
+                       "EXSTDY": pd.array([1, 2, 1], dtype="Int64"),
+                       "EXSTDTC": ["2026-06-29T11:15", "2026-07-05T09:00", "2026-03-02"], **coordinates(3, "ex.csv")})
+    lb = screening_labs([{"USUBJID": ids[0], "LBTESTCD": "HGB", "LBSTRESC": "130", "LBDTC": "2026-06-28"},
+                         {"USUBJID": ids[1], "LBTESTCD": "HGB", "LBSTRESC": "130", "LBDTC": "2026-03-01T08:00"},
+                         {"USUBJID": ids[2], "LBTESTCD": "HGB", "LBSTRESC": "130", "LBDTC": "2026-03-15"},
+                         {"USUBJID": ids[2], "LBTESTCD": "PLAT", "LBSTRESC": "200", "LBDTC": "2026-02"}])
+    qs = pd.DataFrame({"USUBJID": [ids[0], ids[2]], "VISIT": "SCREENING", "QSDY": pd.array([-3, -3], dtype="Int64"),
+                       "QSEVINTX": pd.Series([None, None], dtype="str"), "QSSTRESN": [3.0, 3.0], "QSORRES": ["3", "3"],
+                       "QSDTC": ["2026-07", "2026-02-27"], **coordinates(2, "mrs.csv")})
+    found = run(dm, "dm_consent", lb=lb, qs=qs, ex=ex)
+    consent = found[found["RULE"] == "PROT-CONSENT"].set_index("ROW")["MESSAGE"]
+    assert sorted(consent.index) == [1, 3]
+    assert consent[1] == ("dm.csv row 1: Study procedures only after informed consent (ICH E6 4.8.8): informed consent "
+                          "on 2026-07-05, after 2 record(s) dated before it; the earliest: sample on 2026-06-28 "
+                          "(lb.csv row 1) (MESAE-01-001)")
+    assert "after 2 record(s) dated before it; the earliest: sample on 2026-02 (lb.csv row 4)" in consent[3]
+    assert (found.loc[found["RULE"] == "PROT-CONSENT", "SEVERITY"] == "WARNING").all()

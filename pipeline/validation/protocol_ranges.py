@@ -17,7 +17,7 @@ import pandera.pandas as pa
 
 from pipeline import findings, metadata
 from pipeline.derivations.distinct_values import in_set, lookup
-from pipeline.derivations.iso_dates import partial_date_bounds, site_date_to_iso
+from pipeline.derivations.iso_dates import compare_partial, partial_date_bounds, site_date_to_iso
 from pipeline.derivations.lab_unit_conversions import (censored_beyond, censored_parts, format_number,
                                                         significant)
 from pipeline.derivations.sequence import sort_by_keys
@@ -138,6 +138,9 @@ def build_checks() -> list[ProtocolCheck]:
         if item["kind"] == "visit_window":
             checks.append(ProtocolCheck(item, f"{item['source']}_visits", lambda f, i=item: _outside_window(f, i["day"]),
                                         lambda f, i=item: _window_observed(f, i["day"], i["record"])))
+        elif item["kind"] == "before_consent":
+            checks.append(ProtocolCheck(item, "dm_consent", lambda f: f["ctx_before_consent"].notna(), lambda f: (
+                "informed consent on " + f["RFICDTC"].astype("str") + ", after " + f["ctx_before_consent"])))
         elif item["kind"] == "cohort_dose":
             checks.append(ProtocolCheck(item, "ex", _wrong_cohort_dose, lambda f: (
                 "cohort " + f["ctx_cohort"].astype("str") + " dose " + _fmt(f["EXDOSE"]) + " particles, planned "
@@ -244,8 +247,38 @@ def prepare_frames(dm: pd.DataFrame, lb: pd.DataFrame, qs: pd.DataFrame, ex: pd.
     by_source = {"ex": ex, "lb": lb, "qs": qs}
     visits = {f"{i['source']}_visits": by_source[i["source"]][[*coordinates, i["day"]]]
               for i in metadata.protocol()["conduct"] if i["kind"] == "visit_window"}
-    return {"dm": with_facts(dm), "lb": lb_screening, "qs": with_facts(qs_screening),
-            "ex": ex_frame, "enrol": enrol_frame, "enrol_antibody": enrol_antibody, **visits}
+    dm_frame = with_facts(dm)
+    consent = [i for i in metadata.protocol()["conduct"] if i["kind"] == "before_consent"]
+    if consent:
+        dm_frame["ctx_before_consent"] = _before_consent(dm_frame, by_source, consent[0]["records"])
+    return {"dm": dm_frame, "lb": lb_screening, "qs": with_facts(qs_screening),
+            "ex": ex_frame, "enrol": enrol_frame, "enrol_antibody": enrol_antibody, **visits,
+            **({"dm_consent": dm_frame} if consent else {})}
+
+
+def _before_consent(dm: pd.DataFrame, by_source: dict[str, pd.DataFrame], records: dict) -> pd.Series:
+    """Per subject, how many doses, samples and assessments are dated before its informed consent
+    (at their common precision: only what is certainly before) and the earliest of them; one
+    finding per subject, as a wrong consent date would otherwise repeat on every record."""
+    consent = dm.set_index("USUBJID")["RFICDTC"]
+    parts = []
+    for source, (column, record) in records.items():
+        frame = by_source[source]
+        dtc, consented = frame[column], lookup(frame["USUBJID"], consent)
+        # Text before the consent's is necessary for being before it at the common precision
+        # (`2026-02` < `2026-02-27`); the exact comparison then runs on those few rows only.
+        candidates = np.flatnonzero((dtc < consented).fillna(False).to_numpy(dtype=bool))
+        before = compare_partial(dtc.iloc[candidates], consented.iloc[candidates]).eq(-1).fillna(False).to_numpy(dtype=bool)
+        hits = frame[["USUBJID", column, "src_file", "src_row"]].iloc[candidates[before]].set_axis(
+            ["USUBJID", "DTC", "FILE", "ROW"], axis=1)
+        parts.append(hits.assign(RECORD=record))
+    hits = sort_by_keys(pd.concat(parts, ignore_index=True).astype({"FILE": "str"}), ["USUBJID", "DTC", "FILE", "ROW"])
+    counts = hits.groupby("USUBJID", sort=False).size()
+    first = hits.drop_duplicates("USUBJID").set_index("USUBJID")
+    text = (counts.astype("str") + " record(s) dated before it; the earliest: " + first["RECORD"] + " on "
+            + first["DTC"] + " (" + first["FILE"] + " row " + first["ROW"].astype("str") + ")")
+    return lookup(dm["USUBJID"], text.astype("str"))
+
 
 
 def evaluate(frames: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
