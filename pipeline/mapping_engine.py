@@ -332,8 +332,7 @@ def epoch_algorithm(work: Work, spec: dict) -> pd.Series:
     """Sources: the record's date, the first and last dose, whether dosing is complete, and
     optionally the subject's earliest and latest complete dose dates, which bound a partial
     first or last dose; those are looked up only when a dose date is partial."""
-    sources = work.sources({"source": spec["source"][:4]})
-    dtc, first, last, complete = sources
+    dtc, first, last, complete = work.sources({"source": spec["source"][:4]})
     first_day = spec.get("first_dose_day", "TREATMENT")
     if first_day not in ("TREATMENT", "SCREENING"):
         raise MappingError(f"epoch: first_dose_day is TREATMENT or SCREENING, not {first_day!r}")
