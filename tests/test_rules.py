@@ -68,6 +68,8 @@ DEFECTS = [
            {"KITNO": lambda v: v != "", "EXYN": lambda v: v.upper() in ("Y", "YES")}, {"EXDOSE": "5.0E10"}),
     Defect("RAW-MRS-DEATH", "WARNING", "mrs.csv", "02", {"VISIT": lambda v: v.upper().startswith("DAY"), "MRSTYPE": "CURRENT"},
            {"MRSSCORE": "6", "MRSSTAT": ""}),
+    # an end date typed a year ahead: after the transfer's export, mapped as written and reported
+    Defect("RAW-DATE-AFTER-EXPORT", "WARNING", "ae.csv", "03", {"AEENDAT": lambda v: v != ""}, {"AEENDAT": "2027-03-01"}),
     # a censored screening result past an exclusion limit is a deviation too (ANC < 1.5 x10^9/L)
     Defect("PROT-LAB", "WARNING", "lb.csv", "03",
            {"VISIT": "SCREENING", "LBORRESU": "10^9/L",
@@ -367,6 +369,32 @@ def test_event_numbers_compare_by_value(other, duplicate):
     base = {"SUBJID": "01-001", "AESPID": "1", "site": "01"}
     assert duplicate_rows("ae", [base, {**base, "AESPID": other}]) == ([0, 1] if duplicate else [])
     assert duplicate_rows("ae", [{**base, "AESPID": "A01"}, {**base, "AESPID": "A1"}]) == []
+
+
+@pytest.mark.parametrize("date, after_first, after_second", [
+    # exported 2026-11-23 (limit 2026-11-24) and 2026-12-01 (limit 2026-12-02)
+    ("2026-11-23", False, False), ("23 NOV 2026", False, False),
+    ("2026-11-24", False, False),                 # Beijing is a day ahead of UTC in the evening
+    ("2026-11-25", True, False), ("25 NOV 2026", True, False), ("2027-01-15", True, True),
+    ("2062-03-01", True, True),
+    ("2026-11", False, False), ("UN NOV 2026", False, False), ("2026-12", True, False),
+    ("UN UNK 2027", True, True), ("2026", False, False),
+    ("2026-02-31", False, False),                 # not a date: RAW-DATE's finding
+    (None, False, False),
+])
+def test_a_date_after_its_transfer_export_is_reported(date, after_first, after_second):
+    """An AE dated 2026-12-10 in a transfer exported 2026-11-23 was mapped, and moved RFPENDTC,
+    without a word. Only dates certainly after the export day plus one count, each row against
+    its own transfer."""
+    schema = metadata.raw_schema("ae")
+    (rule,) = [r for r in record_rules(schema) if r.rule == "RAW-DATE-AFTER-EXPORT" and r.column == "AEENDAT"]
+    frame = raw_frame("ae", [{"SUBJID": "01-001", "AESPID": "1", "AEENDAT": date, "site": "01"},
+                             {"SUBJID": "01-002", "AESPID": "1", "AEENDAT": date, "site": "01"}])
+    frame["src_transfer"] = pd.Categorical(["20261123T220005", "20261201T220005"])
+    assert rule.passes(Parsed(frame, schema["columns"])).tolist() == [not after_first, not after_second]
+    if after_first:
+        detail = rule.describe(frame.iloc[[0]])
+        assert detail["detail"].tolist() == ["2026-11-23"] and detail["value"].tolist() == [date]
 
 
 def test_a_screening_only_value_without_a_visit_is_left_to_raw_required():

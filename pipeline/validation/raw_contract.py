@@ -188,6 +188,28 @@ def _time_on_partial_date(time_column: str, date_column: str) -> RawRule:
                    lambda rows: {"value": rows[time_column], "detail": site_date_to_iso(rows[date_column])})
 
 
+def _after_export(date_column: str) -> RawRule:
+    """A date after its transfer's export cannot have happened yet (a typed year, say): it is
+    mapped as written and reported. The transfer folder names the export time in UTC; a day
+    more allows for the sites' time zone. Only dates certainly after count (`2026-11` is not)."""
+    def cutoff(transfers: pd.Series) -> pd.Series:
+        names = pd.Series(pd.unique(transfers.dropna().astype("str")), dtype="str")
+        day = pd.to_datetime(names.str.slice(0, 8), format="%Y%m%d", errors="coerce") + pd.Timedelta(days=1)
+        return lookup(transfers, pd.Series(day.dt.strftime("%Y-%m-%d").astype("str").to_numpy(), index=names))
+
+    def passes(p: Parsed) -> pd.Series:
+        date, limit = p.iso(date_column), cutoff(p.frame["src_transfer"])
+        candidates = np.flatnonzero((date > limit).fillna(False).to_numpy(dtype=bool))
+        after = compare_partial(date.iloc[candidates], limit.iloc[candidates]).eq(1).fillna(False).to_numpy(dtype=bool)
+        ok = np.ones(len(date), dtype=bool)
+        ok[candidates[after]] = False
+        return pd.Series(ok, index=p.frame.index)
+
+    return RawRule("RAW-DATE-AFTER-EXPORT", date_column, passes, lambda rows: {
+        "value": rows[date_column], "detail": rows["src_transfer"].astype("str").str.slice(0, 8)
+        .pipe(pd.to_datetime, format="%Y%m%d", errors="coerce").dt.strftime("%Y-%m-%d").astype("str")})
+
+
 def _unscheduled_on_partial_date(visit_column: str, date_column: str) -> RawRule:
     """An unscheduled visit is numbered from its date; a partial date cannot place it."""
     unscheduled = metadata.visits()["unscheduled"]["visit"]
@@ -234,6 +256,7 @@ def record_rules(schema: dict) -> list[RawRule]:
            if spec.get("kind") == "time" and spec.get("date")]
     out += [_unscheduled_on_partial_date(c, spec["date"]) for c, spec in columns.items()
             if spec.get("kind") == "visit" and spec.get("date") and not spec.get("dosing_only")]
+    out += [_after_export(c) for c, spec in columns.items() if spec.get("kind") == "date"]
     keys = schema.get("keys")
     if keys:
         out.append(RawRule("RAW-DUPLICATE", None, lambda p, k=keys: ~_record_key(p, k).duplicated(keep=False),
