@@ -33,6 +33,13 @@ def check_instance_zone(instance, zone: str) -> None:
 
     The zone is recorded in the instance's own storage (so two DAGSTER_HOMEs sharing one
     PostgreSQL database are caught) and, for people looking at the folder, in $DAGSTER_HOME."""
+    if instance.root_directory:
+        home = Path(instance.root_directory).resolve()
+        for outer in [home, *home.parents]:
+            holder = OutputFolder(outer, zone).recorded_zone()
+            if holder is not None and holder != zone:
+                raise ZoneError(f"the Dagster instance at {instance.root_directory} is inside the {holder} output folder "
+                                f"{outer}; whoever is given that folder would get this {zone} zone's run history")
     recorded = instance.run_storage.get_cursor_values({ZONE_KEY}).get(ZONE_KEY)
     marker = Path(instance.root_directory) / INSTANCE_ZONE_MARKER if instance.root_directory else None
     if recorded is None and marker is not None and marker.is_file():

@@ -212,6 +212,11 @@ def test_zones_refuse_each_others_output_folders_and_instances(zones, capsys):
         assert run_cli("run", "--exports", str(exports), "--output", str(blinded), home=root / "home-unblinded") == 2
     finally:
         del os.environ["MESAE_UNBLINDED"]
+    # an unblinded instance (run history, job snapshot) inside the blinded output folder
+    assert run_cli("run", "--exports", str(exports), "--output", str(root / "new-out-2"), "--unblinded",
+                   home=blinded / "team-dagster") == 2
+    assert f"is inside the blinded output folder {blinded}" in capsys.readouterr().err
+    assert not (blinded / "team-dagster" / "mesae-zone").exists()
 
 
 @pytest.mark.parametrize("inside", ["sdtm", ".mesae", "lineage", "current/reports", "new/deeper"])
