@@ -397,6 +397,43 @@ def test_a_date_after_its_transfer_export_is_reported(date, after_first, after_s
         assert detail["detail"].tolist() == ["2026-11-23"] and detail["value"].tolist() == [date]
 
 
+@pytest.mark.parametrize("birth, consent, age, consistent", [
+    ("1980-01-01", "2026-04-18", "46", True), ("1980-01-01", "2026-04-18", "33", False),
+    ("1980-04-18", "2026-04-18", "46", True),                  # the birthday itself
+    ("1980-04-19", "2026-04-18", "46", False), ("1980-04-19", "2026-04-18", "45", True),
+    ("29 FEB 1980", "2026-02-28", "45", True), ("29 FEB 1980", "2026-03-01", "46", True),
+    ("1980", "2026-04-18", "45", True), ("1980", "2026-04-18", "46", True),   # year only: either
+    ("1980", "2026-04-18", "47", False), ("1980", "2026-04-18", "44", False),
+    ("UN APR 1980", "2026-04-18", "45", True), ("UN APR 1980", "2026-04-18", "46", True),
+    ("UN MAY 1980", "2026-04-18", "46", False),
+    ("1980-01-01", "2026-04", "46", True),                     # a partial consent: cannot tell
+    (None, "2026-04-18", "33", True), ("1980-01-01", "2026-04-18", "abc", True),   # RAW-INTEGER's
+    ("1980-01-01", "2026-04-18", "+46", True),
+])
+def test_age_must_be_the_age_at_consent_from_the_birth_date(birth, consent, age, consistent):
+    """AGE 33 with BRTHDAT 1980-01-01 and consent 2026-04-18 (46) was published without a word."""
+    schema = metadata.raw_schema("dm")
+    (rule,) = [r for r in record_rules(schema) if r.rule == "RAW-AGE-BIRTH"]
+    frame = raw_frame("dm", [{"SUBJID": "01-001", "BRTHDAT": birth, "RFICDAT": consent, "AGE": age, "site": "01"}])
+    assert rule.passes(Parsed(frame, schema["columns"])).tolist() == [consistent]
+    if not consistent:
+        detail = rule.describe(frame)["detail"].iloc[0]
+        assert detail.startswith(f"BRTHDAT = '{birth}' and RFICDAT = '{consent}' give ")
+
+
+@pytest.mark.parametrize("ongoing, outcome, consistent", [
+    ("Y", "RECOVERED/RESOLVED", False), ("YES", "FATAL", False), ("y", "RECOVERED/RESOLVED WITH SEQUELAE", False),
+    ("Y", "RECOVERING/RESOLVING", True), ("Y", "NOT RECOVERED/NOT RESOLVED", True), ("Y", "UNKNOWN", True),
+    ("Y", None, True), ("N", "RECOVERED/RESOLVED", True), (None, "RECOVERED/RESOLVED", True),
+])
+def test_an_ongoing_event_cannot_have_resolved(ongoing, outcome, consistent):
+    """AEONGO = Y with AEOUT = RECOVERED/RESOLVED was published as ONGOING and RECOVERED."""
+    schema = metadata.raw_schema("ae")
+    (rule,) = [r for r in record_rules(schema) if r.rule == "RAW-VALUE-IF"]
+    frame = raw_frame("ae", [{"SUBJID": "01-001", "AESPID": "1", "AEONGO": ongoing, "AEOUT": outcome, "site": "01"}])
+    assert rule.passes(Parsed(frame, schema["columns"])).tolist() == [consistent]
+
+
 def test_a_screening_only_value_without_a_visit_is_left_to_raw_required():
     """A PRE-MORBID mRS with VISIT empty said "only collected at SCREENING, found at " (nothing)
     beside RAW-REQUIRED; it is one finding now, and a wrong visit is still caught."""

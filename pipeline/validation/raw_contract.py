@@ -20,7 +20,8 @@ from pipeline import findings, metadata
 from pipeline.derivations import codelists, lab_unit_conversions as labs
 from pipeline.derivations.distinct_values import as_text, combined_rank, distinct_rows, in_set, lookup, null_coded
 from pipeline.derivations.dose_labels import dose_particles
-from pipeline.derivations.iso_dates import compare_partial, is_complete_date, is_site_time, site_date_to_iso
+from pipeline.derivations.iso_dates import (compare_partial, date_part, is_complete_date, is_site_time,
+                                            partial_date_bounds, site_date_to_iso)
 from pipeline.derivations.visits import is_known_visit, schedule, scheduled_visit_number
 from pipeline.validation.pandera_failures import placed_failures
 
@@ -271,6 +272,13 @@ def record_rules(schema: dict) -> list[RawRule]:
                                ~(_condition(p, w) & (p.frame[c].isna() if want else p.frame[c].notna())),
                                lambda rows, c=column, w=when, why=item["why"]:
                                {"value": rows[c], "detail": _when_text(w), "expected": why}))
+        elif rule == "RAW-VALUE-IF":
+            column, when, allowed = item["column"], item["when"], item["one_of"]
+            out.append(RawRule(rule, column,
+                               lambda p, c=column, w=when, a=allowed:
+                               ~(_condition(p, w) & p.frame[c].notna() & ~p.canonical(c).isin(a).fillna(False)),
+                               lambda rows, c=column, w=when, a=allowed, why=item["why"]:
+                               {"value": rows[c], "detail": _when_text(w), "expected": " or ".join(a) + f" ({why})"}))
         elif rule == "RAW-DATE-ORDER":
             start, end = item["start"], item["end"]
             out.append(RawRule(rule, end,
@@ -291,8 +299,8 @@ def record_rules(schema: dict) -> list[RawRule]:
                                lambda rows, r=result, s=status: {"detail": pd.Series(np.where(
                                    rows[r].notna(), f"{r} = '" + rows[r].astype("str") + f"' and {s} = NOT DONE are both given; expected one of them",
                                    f"neither {r} nor {s} = NOT DONE is given; expected one of them"), index=rows.index)}))
-        elif rule in LAB_RULES or rule in AE_RULES:
-            out.append((LAB_RULES | AE_RULES)[rule]())
+        elif rule in LAB_RULES or rule in AE_RULES or rule in DM_RULES:
+            out.append((LAB_RULES | AE_RULES | DM_RULES)[rule]())
         else:
             raise ValueError(f"unknown record rule {rule} in {schema['file']}")
     return out
@@ -385,6 +393,36 @@ def _ae_death_rule() -> RawRule:
     return RawRule("RAW-AE-DEATH", "AEOUT", passes, describe)
 
 
+def _age_at_consent_rule() -> RawRule:
+    """AGE is the age at consent: it must be one the birth date (partial: every day it may be)
+    and the consent date allow."""
+    def ages(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+        first, last = (pd.to_datetime(day, format="%Y-%m-%d", errors="coerce")
+                       for day in partial_date_bounds(site_date_to_iso(frame["BRTHDAT"])))
+        consent = date_part(site_date_to_iso(frame["RFICDAT"]))
+        return _whole_years(last, consent), _whole_years(first, consent)
+
+    def passes(p: Parsed) -> pd.Series:
+        youngest, oldest = ages(p.frame)
+        age = pd.to_numeric(p.frame["AGE"].where(p.frame["AGE"].str.fullmatch(r"\+?[0-9]+").fillna(False)),
+                            errors="coerce")
+        return ~((age < youngest) | (age > oldest)).fillna(False).astype(bool)
+
+    def describe(rows):
+        youngest, oldest = (v.astype("Int64").astype("str") for v in ages(rows))
+        span = youngest.where(youngest == oldest, youngest + " to " + oldest)
+        return {"value": rows["AGE"], "detail": "BRTHDAT = '" + rows["BRTHDAT"] + "' and RFICDAT = '" + rows["RFICDAT"]
+                + "' give " + span}
+
+    return RawRule("RAW-AGE-BIRTH", "AGE", passes, describe)
+
+
+def _whole_years(birth: pd.Series, at: pd.Series) -> pd.Series:
+    before_birthday = (at.dt.month * 100 + at.dt.day) < (birth.dt.month * 100 + birth.dt.day)
+    return (at.dt.year - birth.dt.year - before_birthday.astype("float64")).astype("float64")
+
+
+DM_RULES = {"RAW-AGE-BIRTH": _age_at_consent_rule}
 LAB_RULES = {"RAW-LB-UNIT": _lab_unit_rule, "RAW-LB-RESULT": _lab_result_rule, "RAW-LB-IMPLAUSIBLE": _lab_plausible_rule}
 AE_RULES = {"RAW-AE-UNCODED": _ae_uncoded_rule, "RAW-AE-SERIOUSNESS": _ae_seriousness_rule, "RAW-AE-DEATH": _ae_death_rule}
 
