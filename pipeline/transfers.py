@@ -486,6 +486,11 @@ def read_csv_file(transfer: Transfer, name: str, data: bytes, schema: dict, sha2
         "src_ragged": pd.Series(False, index=range(count)),
     })
     out = pd.concat([coordinates, out], axis=1)
+    empty_lines = _empty_lines(body, count + 1)
+    if empty_lines:
+        raw.findings.append(findings.single("RAW-EMPTY-LINE", site=transfer.site, transfer=transfer.name, file=name,
+                                            value=len(empty_lines), detail=", ".join(map(str, empty_lines[:10]))
+                                            + (" ..." if len(empty_lines) > 10 else "")))
     for row, fields in ragged:
         out.loc[row - 1, "src_ragged"] = True
         raw.findings.append(findings.single("RAW-FIELD-COUNT", site=transfer.site, transfer=transfer.name, file=name,
@@ -571,6 +576,23 @@ def _refuse_stray_quote(body: bytes) -> None:
         raise csv.Error(f"line {line}: a quote inside a field that is not quoted, or text "
                         f"after a closing quote (near '{findings.printable(near.decode('utf-8', errors='replace'))}'); "
                         "expected a field that holds a quote to be quoted as a whole, with the quote doubled (RFC 4180)")
+
+
+def _empty_lines(body: bytes, records: int) -> list[int]:
+    """Lines (1-based) left empty between records, outside quoted fields. The readers skip them,
+    so from there on ROW (the data record's number) is not the line number minus one that the
+    site sees. A file with one line break per record has none: all the common case costs is
+    counting its line breaks (CR-only files are not looked at)."""
+    data = body.rstrip(b"\r\n")
+    if data.count(b"\n") < records:
+        return []
+    bytes_ = np.frombuffer(data, dtype=np.uint8)
+    breaks = np.flatnonzero(bytes_ == ord("\n"))
+    gap = np.diff(breaks)
+    ends = breaks[1:][(gap == 1) | ((gap == 2) & (bytes_[breaks[:-1] + 1] == ord("\r")))]
+    quotes = np.flatnonzero(bytes_ == ord('"'))
+    outside = np.searchsorted(quotes, ends) % 2 == 0
+    return (np.searchsorted(breaks, ends[outside]) + 1).tolist()
 
 
 def _header_width(body: bytes) -> int:

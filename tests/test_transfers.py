@@ -189,6 +189,29 @@ def test_repeated_unknown_columns_are_reported_once_and_ignored(tmp_path):
         "dm.csv: column (empty name) is not in the transfer spec; ignored (2 columns of that name)"]
 
 
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_empty_lines_between_records_are_reported(tmp_path, newline):
+    """An empty line was skipped without a word, so every ROW after it was one less than the
+    line the site counts. An empty line inside a quoted field is text, and trailing ones at the
+    end of the file change no numbering."""
+    lines = [b"SUBJID,AESPID,AETERM,AESTDAT,AETOXGR,AESER,AEREL", b"01-001,1,Headache,2026-03-01,1,N,NOT RELATED", b"",
+             b'01-001,2,"Fever' + newline + newline + b'38.3 C",2026-03-02,1,N,NOT RELATED', b"",
+             b"01-001,3,Rash,2026-03-03,1,N,NOT RELATED", b"", b""]
+    folder = write_transfer(tmp_path, "01", NEW, one_subject_trial(), raw_files={"ae.csv": newline.join(lines)})
+    rewrite_manifest(folder, lambda m: m["files"]["ae.csv"].update(rows=3))
+    raw = current(tmp_path).files["ae.csv"]
+    assert raw.data["AETERM"].tolist() == ["Headache", "Fever\n\n38.3 C" if newline == b"\n" else "Fever\r\n\r\n38.3 C",
+                                           "Rash"]
+    (finding,) = [f for f in raw.findings if f["RULE"] == "RAW-EMPTY-LINE"]
+    assert finding["SEVERITY"] == "WARNING" and finding["ROW"] is None
+    assert finding["MESSAGE"].startswith("ae.csv: 2 empty line(s) skipped (line 3, 7); ROW numbers the data records")
+
+
+def test_a_file_without_empty_lines_has_no_finding(tmp_path):
+    write_transfer(tmp_path, "01", NEW, one_subject_trial())
+    assert not [f for raw in current(tmp_path).files.values() for f in raw.findings if f["RULE"] == "RAW-EMPTY-LINE"]
+
+
 def test_unterminated_quote_is_refused_with_the_line_it_starts_on(tmp_path):
     data = b'SUBJID,BRTHDAT,AGE,SEX,RACE,ETHNIC,RFICDAT\n01-001,1980,45,F,ASIAN,,2026-02-20\n"01-002,1981,46,M,,,\n'
     write_transfer(tmp_path, "01", OLD, one_subject_trial())
