@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -41,6 +42,12 @@ def seconds(text: str) -> float:
     return value
 
 
+def site_id(text: str) -> str:
+    if not re.fullmatch(r"[0-9]{2}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SITEID; expected two digits, e.g. 03")
+    return text
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="mesae", description="MESAE site exports to CDISC SDTM, orchestrated by Dagster.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -65,6 +72,8 @@ def build_parser() -> Parser:
     zone.add_argument("--unblinded", action="store_true", help=f"unblinded zone (also {ZONE_ENV}=1)")
     zone.add_argument("--blinded", action="store_true",
                       help=f"blinded zone, refusing to run if {ZONE_ENV} says unblinded (the default zone)")
+    run.add_argument("--without-site", action="append", default=[], metavar="SITEID", type=site_id,
+                     help="a site of the last published set that has closed: publish without it (repeatable)")
     run.add_argument("--lock-timeout", type=seconds, default=30.0,
                      help="seconds to wait for another run on the same output folder (default 30)")
 
@@ -169,10 +178,11 @@ def run(args) -> int:
     zone = zone_of(args)
     home = dagster_home(zone)
     preflight(args.exports, args.output, zone, home)
-    return execute(args.exports, args.output, zone, home, args.lock_timeout)
+    return execute(args.exports, args.output, zone, home, args.lock_timeout, args.without_site)
 
 
-def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: float) -> int:
+def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: float,
+            sites_withdrawn: list[str] | None = None) -> int:
     os.environ["DAGSTER_HOME"] = str(home)
     import warnings
 
@@ -187,7 +197,7 @@ def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: fl
     try:   # the module builds the code location's definitions from the environment as it loads
         from pipeline.definitions import JOB_NAME, build_definitions
 
-        definitions = build_definitions(exports, output, zone, lock_timeout)
+        definitions = build_definitions(exports, output, zone, lock_timeout, sites_withdrawn)
     except ScheduleSettingError as error:
         raise UsageError(str(error)) from None
     job = definitions.resolve_job_def(JOB_NAME)

@@ -33,7 +33,7 @@ DEFAULT_OUTPUT = "demo/output"
 
 
 def build_definitions(exports: str | Path, output: str | Path, zone: str = "blinded",
-                      lock_timeout_seconds: float = 30.0) -> dg.Definitions:
+                      lock_timeout_seconds: float = 30.0, sites_withdrawn: list[str] | None = None) -> dg.Definitions:
     assets = [site_transfers, raw_ingest, build_validation_asset(zone),
               build_sdtm_assets(zone),
               build_report_assets(zone)]
@@ -50,8 +50,9 @@ def build_definitions(exports: str | Path, output: str | Path, zone: str = "blin
         assets=assets, jobs=[job],
         schedules=[build_schedule(job)], sensors=[build_sensor(job, exports), failure_guidance_sensor],
         resources={"settings": StudySettings.for_zone(zone, exports_dir=exports, output_dir=output,
-                                                      lock_timeout_seconds=lock_timeout_seconds),
-                   "store": AssetStore(output_dir=output)},
+                                                      lock_timeout_seconds=lock_timeout_seconds,
+                                                      sites_withdrawn=sorted(sites_withdrawn or [])),
+                   "store": AssetStore.for_zone(zone, output_dir=output)},
         executor=dg.in_process_executor,
     )
 

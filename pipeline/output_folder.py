@@ -82,6 +82,15 @@ class OutputFolder:
             return None
         return None
 
+    def published_inputs(self) -> dict[str, dict]:
+        """The sites and transfers of the set published last (run.json `inputs`), or none."""
+        try:
+            summary = json.loads((self.root / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        inputs = summary.get("inputs") if isinstance(summary, dict) else None
+        return inputs if isinstance(inputs, dict) else {}
+
     def check_zone(self) -> None:
         """Refuses a folder the other zone has recorded as its own."""
         recorded = self.recorded_zone()

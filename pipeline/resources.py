@@ -52,27 +52,33 @@ def check_instance_zone(instance, zone: str) -> None:
         marker.write_text(zone, encoding="utf-8")
 
 
-class StudySettings(dg.ConfigurableResource):
-    """Exports root and output folder of a run; holds the output folder's lock for the whole run
-    (the job runs in one process).
+class ZonedResource(dg.ConfigurableResource):
+    """A resource whose blinding zone is code, not configuration: each zone's definitions carry
+    their own subclass (`for_zone`), so a run config or the launchpad cannot point one zone's
+    assets at the other zone's output folder or instance, whose checks would then pass."""
 
-    The blinding zone is not configuration: each zone's definitions carry their own subclass
-    (`for_zone`), so a run config or the launchpad cannot point one zone's assets at the other
-    zone's output folder and instance, whose checks would then pass."""
-
-    exports_dir: str
-    output_dir: str
-    lock_timeout_seconds: float = 30.0
     ZONE: ClassVar[str]
-    _folder: OutputFolder | None = PrivateAttr(default=None)
 
-    @staticmethod
-    def for_zone(zone: str, **config) -> StudySettings:
-        return {"blinded": BlindedStudySettings, "unblinded": UnblindedStudySettings}[zone](**config)
+    @classmethod
+    def for_zone(cls, zone: str, **config):
+        return {sub.ZONE: sub for sub in cls.__subclasses__()}[zone](**config)
 
     @property
     def zone(self) -> str:
         return self.ZONE
+
+
+class StudySettings(ZonedResource):
+    """Exports root and output folder of a run; holds the output folder's lock for the whole run
+    (the job runs in one process)."""
+
+    exports_dir: str
+    output_dir: str
+    lock_timeout_seconds: float = 30.0
+    # Sites of the last published set that may drop out of this one (closed or withdrawn); any
+    # other site without a usable transfer fails the run rather than vanish from the outputs.
+    sites_withdrawn: list[str] = []
+    _folder: OutputFolder | None = PrivateAttr(default=None)
 
     @property
     def exports(self) -> Path:
@@ -120,18 +126,25 @@ def _discard(stale: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-class AssetStore(dg.ConfigurableResource):
+class AssetStore(ZonedResource):
     """Where asset values live between steps: Arrow IPC files in the output folder's state area.
 
     Arrow IPC keeps dtypes (text, nullable integers, categories) and reads back memory-mapped, so
     handing a million lab rows to the next step costs little; the files belong to the output
-    folder, hence to its blinding zone. `DataFrame.attrs` travel in the schema metadata. Assets
-    save and load through this resource and report `MaterializeResult`s, so Dagster records one
-    materialization per asset and no per-input or per-output handling events.
+    folder, hence to its blinding zone, which the store checks (and records in a new folder) on
+    its own: its folder can be set in run config apart from the settings'. `DataFrame.attrs`
+    travel in the schema metadata. Assets save and load through this resource and report
+    `MaterializeResult`s, so Dagster records one materialization per asset and no per-input or
+    per-output handling events.
     """
 
     output_dir: str
     _discards: list[Future] = PrivateAttr(default_factory=list)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        folder = OutputFolder(Path(self.output_dir), self.zone)
+        folder.check_zone()
+        folder.claim()
 
     def _path(self, key: dg.AssetKey) -> Path:
         return asset_store(Path(self.output_dir)).joinpath(*key.path).with_suffix(".arrow")
@@ -172,3 +185,11 @@ class AssetStore(dg.ConfigurableResource):
         frame = table.to_pandas()
         frame.attrs = json.loads((table.schema.metadata or {}).get(b"mesae_attrs", b"{}"))
         return frame
+
+
+class BlindedAssetStore(AssetStore):
+    ZONE: ClassVar[str] = "blinded"
+
+
+class UnblindedAssetStore(AssetStore):
+    ZONE: ClassVar[str] = "unblinded"

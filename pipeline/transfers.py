@@ -79,6 +79,25 @@ class ExportsRootError(Exception):
     """The exports root cannot be used at all (missing, not a folder, unreadable)."""
 
 
+class SiteGoneError(Exception):
+    """A site of the last published set has no usable transfer now: publishing would drop it."""
+
+
+def sites_gone(published: dict[str, dict], transfers: list[Transfer], withdrawn: list[str]) -> list[str]:
+    """Why each site of the last published set (run.json `inputs`) would drop out of this one:
+    its folder is gone, or no transfer of it can be read. A site the run was told is withdrawn
+    is let go."""
+    usable = {t.site for t in transfers if t.status == "CURRENT"}
+    rejected = {t.site: t for t in sorted(transfers, key=lambda t: t.name) if t.site and t.status == "REJECTED"}
+    out = []
+    for site in sorted(set(published) - usable - set(withdrawn)):
+        last = published[site].get("transfer") if isinstance(published[site], dict) else None
+        why = (f"every transfer of it is REJECTED (newest {rejected[site].name}: {rejected[site].reason})"
+               if site in rejected else "its folder site-" + site + " is gone from the exports root")
+        out.append(f"site {site} (last published from transfer {last}): {why}")
+    return out
+
+
 def list_transfers(root: Path) -> list[Transfer]:
     """Every transfer folder of every site, oldest first per site; nothing is read yet."""
     transfers = []

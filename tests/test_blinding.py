@@ -266,6 +266,15 @@ def test_the_zone_is_not_run_configuration(zones):
     result = job.execute_in_process(run_config={"resources": {"settings": {"config": config}}},
                                     instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
     assert not result.success
+    # The asset store's folder is configurable on its own: the unblinded assets' values (the IWRS
+    # list, the arms) went into the blinded folder's store, and a blinded reports-only run published them.
+    stored = sorted((p, p.stat().st_mtime_ns) for p in (blinded / ".mesae" / "assets").rglob("*"))
+    result = job.execute_in_process(
+        run_config={"resources": {"store": {"config": {"output_dir": str(blinded)}}}},
+        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert not result.success
+    assert sorted((p, p.stat().st_mtime_ns) for p in (blinded / ".mesae" / "assets").rglob("*")) == stored
+    assert not (blinded / ".mesae" / "assets" / "raw" / "randomization.arrow").exists()
     assert published(blinded) == before
 
 

@@ -472,3 +472,42 @@ def test_a_run_left_started_by_a_killed_process_is_marked_failed(tmp_path, monke
     assert status == {"killed": dg.DagsterRunStatus.FAILURE, "alive": dg.DagsterRunStatus.STARTED,
                       "elsewhere": dg.DagsterRunStatus.STARTED}
     assert f"the mesae process {ended.pid}" in failure[0].dagster_event.message
+
+
+def test_a_published_site_that_vanishes_fails_the_run_until_it_is_withdrawn(tmp_path, capsys):
+    """A site folder deleted or unmounted dropped the site's subjects from every dataset, exit 0,
+    with no finding: the run now fails and keeps the published set, until the site comes back or
+    the data manager says it has closed (`--without-site`)."""
+    from conftest import run_cli
+    from pipeline.synthetic_trial import generate_trial
+
+    exports, output = tmp_path / "exports", tmp_path / "output"
+    generate_trial(exports, subjects=12, transfers=1)
+    assert run_cli("run", "--exports", str(exports), "--output", str(output), home=tmp_path / "home") == 0
+    before = {p: (output / p).read_bytes() for p in ("run.json", "sdtm/dm.parquet")}
+    shutil.move(exports / "site-03", tmp_path / "aside")
+    capsys.readouterr()
+    assert run_cli("run", "--exports", str(exports), "--output", str(output), home=tmp_path / "home") == 1
+    error = capsys.readouterr().err
+    assert "site 03 (last published from transfer" in error and "its folder site-03 is gone" in error, error
+    assert {p: (output / p).read_bytes() for p in before} == before
+    assert run_cli("run", "--exports", str(exports), "--output", str(output), "--without-site", "03",
+                   home=tmp_path / "home") == 0
+    assert "03" not in json.loads((output / "run.json").read_text())["inputs"]
+    assert run_cli("run", "--exports", str(exports), "--output", str(output), home=tmp_path / "home") == 0
+
+
+def test_sites_gone_names_why_and_lets_withdrawn_sites_go():
+    from pipeline.transfers import Transfer, sites_gone
+
+    published = {"01": {"transfer": "20261122T220000"}, "02": {"transfer": "20261122T220000"},
+                 "03": {"transfer": "20261122T220000"}}
+    now = [Transfer(site="01", name="20261123T220005", path=Path("x"), status="CURRENT"),
+           Transfer(site="02", name="20261123T220005", path=Path("x"), status="REJECTED")]
+    now[1].problem("TRF-MISSING-FILE", file="lb.csv", detail="listed in manifest.json but absent")
+    gone = sites_gone(published, now, withdrawn=[])
+    assert len(gone) == 2 and gone[0].startswith("site 02 (last published from transfer 20261122T220000): every "
+                                                 "transfer of it is REJECTED (newest 20261123T220005: ")
+    assert gone[1] == "site 03 (last published from transfer 20261122T220000): its folder site-03 is gone from the exports root"
+    assert sites_gone(published, now, withdrawn=["02", "03"]) == []
+    assert sites_gone({}, now, withdrawn=[]) == []

@@ -89,6 +89,12 @@ def raw_ingest(settings: StudySettings, store: AssetStore):
     all_transfers = [*transfers.select_current(transfers.list_transfers(settings.exports), known),
                      *transfers.misnamed_site_folders(settings.exports)]
     known.save()
+    gone = transfers.sites_gone(settings.output.published_inputs(), all_transfers, settings.sites_withdrawn)
+    if gone:
+        raise transfers.SiteGoneError(
+            "; ".join(gone) + ". Publishing would drop its subjects from every dataset, so nothing is published and "
+            "the previous outputs stay. Restore the site's transfers, or, if the site has closed, run once with "
+            "`mesae run --without-site SITEID` (settings.sites_withdrawn in the launchpad)")
     current = [t for t in all_transfers if t.status == "CURRENT"]
     inventory = inventory_frame(all_transfers)
     ingest_findings = findings.combine([
