@@ -377,16 +377,22 @@ def lab_standard_result(work: Work, spec: dict) -> pd.Series:
 
 
 def baseline_flag(work: Work, spec: dict) -> pd.Series:
-    dtc, reference, result, status = work.sources(spec)
+    """Sources: the record's date, the first dose, the result and its status, and optionally the
+    subject's earliest complete dose date, looked up only when a first dose is partial."""
+    dtc, reference, result, status = work.sources({"source": spec["source"][:4]})
     has_result = result.notna() & status.isna()
     if "exclude_when_present" in spec:
         has_result &= work.resolve(spec["exclude_when_present"]).isna()
     frame = pd.DataFrame({"dtc": dtc, "ref": reference})
+    narrowed = len(spec["source"]) > 4 and _has_partial_date(reference)
+    if narrowed:
+        frame["by"] = work.resolve(spec["source"][4])
     for column in spec["group"]:
         frame[column] = work.resolve("$" + column)
     for column, values in spec.get("apart", {}).items():
         frame[column] = apart_values(work.resolve("$" + column), values)
-    return last_observation_before_exposure(frame, "dtc", "ref", has_result, [*spec["group"], *spec.get("apart", {})])
+    return last_observation_before_exposure(frame, "dtc", "ref", has_result, [*spec["group"], *spec.get("apart", {})],
+                                            reference_by="by" if narrowed else None)
 
 
 ALGORITHMS: dict[str, Callable[[Work, dict], pd.Series]] = {

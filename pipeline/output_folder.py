@@ -119,8 +119,8 @@ class OutputFolder:
         inner = self._inner_output_folder()
         if inner is not None:
             raise OutputFolderError(
-                f"output folder {self.root} holds the {inner[1]} output folder {inner[0]}; an output folder never "
-                "nests in another (whoever is given the outer one gets both; use another --output folder)")
+                f"output folder {self.root} holds the {inner[1]} output folder {inner[0]}; whoever is given the "
+                f"{self.zone} folder would get it too (use another --output folder, or move it out)")
         self.check_zone()
         for entry in PUBLISHED_ENTRIES:
             path = self.root / entry
@@ -137,7 +137,8 @@ class OutputFolder:
                                     "another --output")
 
     def _inner_output_folder(self) -> tuple[Path, str] | None:
-        """An output folder below this one (our own state folder aside), with its zone."""
+        """An output folder of the other zone below this one (our own state folder aside), with
+        its zone. A copy of this zone's own outputs (an archive of past nights) leaks nothing."""
         if not self.root.is_dir():
             return None
         for folder, subfolders, _ in os.walk(self.root):
@@ -147,7 +148,7 @@ class OutputFolder:
                 if (Path(folder) / name).is_symlink():   # our published entries, or a link out
                     continue
                 zone = OutputFolder(Path(folder) / name, self.zone).recorded_zone()
-                if zone in ZONES:
+                if zone in ZONES and zone != self.zone:
                     return Path(folder) / name, zone
         return None
 

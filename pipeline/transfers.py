@@ -31,9 +31,10 @@ from pipeline import findings, metadata
 
 # Used with fullmatch: `$` would accept a trailing line break and `\d` other scripts' digits.
 SITE_FOLDER = re.compile(r"site-([0-9]{2})")
-# Used with search: a sync tool's `site-03 (1)`, a `site-05.bak` or `Site-03` is a site's data
-# under a wrong name, listed as REJECTED rather than skipped.
-LIKE_SITE_FOLDER = re.compile(r"site.*\d", re.IGNORECASE | re.DOTALL)
+# Used with match: a sync tool's `site-03 (1)` or `.site-03.partial`, a `site-05.bak`, `Site-03`
+# or a `site-04.zip` is a site's data under a wrong name or form, listed as REJECTED rather than
+# skipped; `website2026` or `Site_Documentation_v2` is not.
+LIKE_SITE_FOLDER = re.compile(r"\W*site[\W_]*\d", re.IGNORECASE)
 TRANSFER_FOLDER = re.compile(r"^\d{8}T\d{6}$")
 ENCODINGS = {"utf-8": "utf-8", "gb18030": "gb18030"}
 MANIFEST = "manifest.json"
@@ -130,11 +131,14 @@ def _root_entries(root: Path) -> list[str]:
 
 
 def misnamed_site_folders(root: Path) -> list[Transfer]:
-    """Folders that look like a site's (`site-3`, `site-03 (1)`) but are not `site-<two digits>`:
-    REJECTED with the reason, so that a site's data never vanishes without a word."""
+    """Entries that look like a site's (`site-3`, `site-03 (1)`, `site-04.zip`) but are not a
+    folder `site-<two digits>`: REJECTED with the reason, so that a site's data never vanishes
+    without a word."""
     out = []
     for name in _root_entries(root):
-        if LIKE_SITE_FOLDER.search(name) and not SITE_FOLDER.fullmatch(name) and (root / name).is_dir():
+        if SITE_FOLDER.fullmatch(name) and (root / name).is_dir():
+            continue
+        if LIKE_SITE_FOLDER.match(name):
             transfer = Transfer(site=None, name=name, path=root / name, status="REJECTED")
             transfer.problem("TRF-SITE-FOLDER", value=name)
             out.append(transfer)

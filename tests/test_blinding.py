@@ -246,6 +246,11 @@ def test_no_output_folder_holds_another_or_the_exports(zones, capsys):
     assert not (outer / "run.json").exists()
     assert run_cli("run", "--exports", str(exports), "--output", str(root), home=root / "home-blinded") == 2
     assert f"the exports folder {exports.resolve()} is inside the output folder" in capsys.readouterr().err
+    # an archive of the zone's own outputs inside its folder leaks nothing: not refused
+    kept = root / "kept-outputs"
+    shutil.copytree(zones["outputs"]["present"], kept, symlinks=True)
+    shutil.copytree(zones["outputs"]["present"], kept / "archive" / "2026-11-26", symlinks=False)
+    assert run_cli("run", "--exports", str(exports), "--output", str(kept), home=root / "home-blinded") == 0
 
 
 def test_the_zone_is_not_run_configuration(zones):

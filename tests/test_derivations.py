@@ -281,6 +281,22 @@ def test_baseline_flag_with_a_partial_first_dose_places_what_it_can():
     assert values(flag) == [None, None, None, "Y", None, "Y", None, None, "Y", None, "Y", None]
 
 
+def test_baseline_flag_with_a_partial_first_dose_narrowed_by_a_complete_dose():
+    """A Day 1 dose `UN FEB 2026` with the Day 2 dose on 02-05: the first dose was on or before
+    02-05, so samples of 02-10 and 02-13 are after it and do not block the 01-30 baseline (EPOCH
+    called them TREATMENT while the flag waited on them)."""
+    frame = pd.DataFrame({"USUBJID": "A", "TESTCD": "HGB", "DTC": ["2026-01-30", "2026-02-10", "2026-02-13"],
+                          "REF": "2026-02", "BY": "2026-02-05T11:50"})
+    has_result = pd.Series(True, index=frame.index)
+    assert values(last_observation_before_exposure(frame, "DTC", "REF", has_result, ["USUBJID", "TESTCD"],
+                                                   reference_by="BY")) == ["Y", None, None]
+    assert values(last_observation_before_exposure(frame, "DTC", "REF", has_result, ["USUBJID", "TESTCD"])) == [
+        None, None, None]                                    # without the bound: 02-10 may be before the dose
+    frame.loc[1, "DTC"] = "2026-02-04"                       # before the Day 2 dose: may be before the first
+    assert values(last_observation_before_exposure(frame, "DTC", "REF", has_result, ["USUBJID", "TESTCD"],
+                                                   reference_by="BY")) == [None, None, None]
+
+
 def test_baseline_flag_skips_records_without_result():
     frame = pd.DataFrame({"USUBJID": ["A", "A"], "TESTCD": ["HGB", "HGB"], "DTC": ["2026-03-01", "2026-03-05"],
                           "REF": ["2026-03-07", "2026-03-07"]})

@@ -183,13 +183,16 @@ def test_procedures_before_informed_consent_are_reported_once_per_subject():
     4.8.8: consent before participation). Only what is certainly before counts (a date at its
     common precision with the consent's); one finding per subject names the count and the
     earliest record, as a wrong consent date would otherwise repeat on every record."""
-    dm = subjects(3)
-    dm["RFICDTC"] = ["2026-07-05", "2026-03-01", "2026-03"]
+    dm = subjects(4)
+    dm["RFICDTC"] = ["2026-07-05", "2026-03-01", "2026-03", "2026-03-10"]
+    dm.loc[3, "ARMNRS"] = "SCREEN FAILURE"            # consent binds screen failures too
     ids = dm["USUBJID"].tolist()
     ex = pd.DataFrame({"USUBJID": [ids[0], ids[0], ids[1]], "VISIT": "DAY 1",
                        "EXSTDY": pd.array([1, 2, 1], dtype="Int64"),
                        "EXSTDTC": ["2026-06-29T11:15", "2026-07-05T09:00", "2026-03-02"], **coordinates(3, "ex.csv")})
     lb = screening_labs([{"USUBJID": ids[0], "LBTESTCD": "HGB", "LBSTRESC": "130", "LBDTC": "2026-06-28"},
+                         {"USUBJID": ids[3], "LBTESTCD": "HGB", "LBSTRESC": "130", "LBDTC": "2026-03-02"},
+                         {"USUBJID": ids[3], "LBTESTCD": "PLAT", "LBSTRESC": "200", "LBDTC": "2026-03-02"},
                          {"USUBJID": ids[1], "LBTESTCD": "HGB", "LBSTRESC": "130", "LBDTC": "2026-03-01T08:00"},
                          {"USUBJID": ids[2], "LBTESTCD": "HGB", "LBSTRESC": "130", "LBDTC": "2026-03-15"},
                          {"USUBJID": ids[2], "LBTESTCD": "PLAT", "LBSTRESC": "200", "LBDTC": "2026-02"}])
@@ -198,9 +201,10 @@ def test_procedures_before_informed_consent_are_reported_once_per_subject():
                        "QSDTC": ["2026-07", "2026-02-27"], **coordinates(2, "mrs.csv")})
     found = run(dm, "dm_consent", lb=lb, qs=qs, ex=ex)
     consent = found[found["RULE"] == "PROT-CONSENT"].set_index("ROW")["MESSAGE"]
-    assert sorted(consent.index) == [1, 3]
+    assert sorted(consent.index) == [1, 3, 4]
+    assert "after 2 lab results dated before it; the earliest: lab result on 2026-03-02 (lb.csv row 2)" in consent[4]
     assert consent[1] == ("dm.csv row 1: Study procedures only after informed consent (ICH E6 4.8.8): informed consent "
-                          "on 2026-07-05, after 2 record(s) dated before it; the earliest: sample on 2026-06-28 "
-                          "(lb.csv row 1) (MESAE-01-001)")
-    assert "after 2 record(s) dated before it; the earliest: sample on 2026-02 (lb.csv row 4)" in consent[3]
+                          "on 2026-07-05, after 1 dose, 1 lab result dated before it; the earliest: lab result on "
+                          "2026-06-28 (lb.csv row 1) (MESAE-01-001)")
+    assert "after 1 lab result, 1 mRS score dated before it; the earliest: lab result on 2026-02 (lb.csv row 6)" in consent[3]
     assert (found.loc[found["RULE"] == "PROT-CONSENT", "SEVERITY"] == "WARNING").all()

@@ -5,6 +5,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -453,17 +454,24 @@ def test_a_file_name_in_another_case_is_named_in_the_reason(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["site-1", "site-001", "Site-01", "site_02", "site-01 ", "site-01 (1)",
-                                  "site-01 - Copy", "site-01.bak", ".site-01", "site-01-old", "site-01\n", "site-٠١"])
+                                  "site-01 - Copy", "site-01.bak", ".site-01", "site-01-old", "site-01\n", "site-٠١",
+                                  ".site-01.partial", "site-01.zip"])
 def test_a_folder_named_like_a_site_but_not_site_two_digits_is_reported(tmp_path, name):
     write_transfer(tmp_path, "01", NEW, one_subject_trial())
     (tmp_path / "site-01").rename(tmp_path / name)
+    if name.endswith(".zip"):   # a site's export zipped, not unpacked
+        shutil.make_archive(str(tmp_path / name), "zip", tmp_path / name)
+        shutil.rmtree(tmp_path / name)
+        (tmp_path / f"{name}.zip").rename(tmp_path / name)
     write_transfer(tmp_path, "03", NEW, one_subject_trial("03"))
-    (tmp_path / "notes").mkdir()
+    for other in ("notes", "website2026", "Site_Documentation_v2", "sitefiles"):   # not a site's
+        (tmp_path / other).mkdir()
     assert [t.site for t in transfers.list_transfers(tmp_path)] == ["03"]
     (rejected,) = transfers.misnamed_site_folders(tmp_path)
     assert (rejected.site, rejected.name, rejected.status) == (None, name, "REJECTED")
     shown = name.replace("\n", "\\n")    # a control character is escaped in the reason
-    assert rejected.reason == f"site folder '{shown}' is not site-<SITEID> with a two-digit SITEID; nothing in it is read"
+    assert rejected.reason == (f"'{shown}' at the exports root is not a folder site-<SITEID> with a two-digit SITEID; "
+                               "nothing in it is read")
 
 
 def test_an_unreadable_file_rejects_its_transfer_and_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -501,7 +509,7 @@ def test_a_misnamed_site_folder_is_a_rejected_row_of_transfers_parquet(tmp_path)
     inventory = pq.read_table(tmp_path / "out" / "transfers.parquet").to_pandas()
     misnamed = inventory[inventory["TRANSFER"] == "site-3"]
     assert list(misnamed["STATUS"]) == ["REJECTED"] and misnamed["SITEID"].isna().all()
-    assert "site folder 'site-3' is not site-<SITEID>" in misnamed["REASON"].iloc[0]
+    assert "'site-3' at the exports root is not a folder site-<SITEID>" in misnamed["REASON"].iloc[0]
     quarantine = pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pandas()
     assert "TRF-SITE-FOLDER" in set(quarantine["RULE"])
     assert list(inventory.loc[inventory["STATUS"] == "CURRENT", "SITEID"]) == ["01"]

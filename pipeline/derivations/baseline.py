@@ -17,9 +17,12 @@ from pipeline.derivations.iso_dates import date_part, is_complete_date, partial_
 
 
 def last_observation_before_exposure(
-    frame: pd.DataFrame, dtc: str, reference_dtc: str, has_result: pd.Series, group: list[str]
+    frame: pd.DataFrame, dtc: str, reference_dtc: str, has_result: pd.Series, group: list[str],
+    reference_by: str | None = None,
 ) -> pd.Series:
-    """"Y" on the qualifying record of each group, null elsewhere."""
+    """"Y" on the qualifying record of each group, null elsewhere. `reference_by`: a column with
+    a complete date the partial reference is on or before (the subject's earliest complete
+    dose), which narrows its possible days as it does EPOCH's."""
     when = frame[dtc]
     ref = frame[reference_dtc]
     both_times = when.str.len().gt(10).fillna(False) & ref.str.len().gt(10).fillna(False)
@@ -30,6 +33,9 @@ def last_observation_before_exposure(
     partial_reference = ref.notna() & ~is_complete_date(ref)
     if partial_reference.any():
         first_day, last_day = partial_date_bounds(ref[partial_reference])
+        if reference_by is not None:
+            by_day = frame.loc[partial_reference, reference_by].str.slice(0, 10)
+            last_day = last_day.where(~(by_day < last_day).fillna(False), by_day)
         day = when[partial_reference].str.slice(0, 10)
         eligible[partial_reference] = placed[partial_reference] & (day <= first_day).fillna(False)
         undecided = placed[partial_reference] & (day > first_day).fillna(False) & (day <= last_day).fillna(False)

@@ -247,13 +247,12 @@ def prepare_frames(dm: pd.DataFrame, lb: pd.DataFrame, qs: pd.DataFrame, ex: pd.
     by_source = {"ex": ex, "lb": lb, "qs": qs}
     visits = {f"{i['source']}_visits": by_source[i["source"]][[*coordinates, i["day"]]]
               for i in metadata.protocol()["conduct"] if i["kind"] == "visit_window"}
-    dm_frame = with_facts(dm)
+    # Consent binds every subject, screen failures first of all (screening is where it is missed).
     consent = [i for i in metadata.protocol()["conduct"] if i["kind"] == "before_consent"]
-    if consent:
-        dm_frame["ctx_before_consent"] = _before_consent(dm_frame, by_source, consent[0]["records"])
-    return {"dm": dm_frame, "lb": lb_screening, "qs": with_facts(qs_screening),
-            "ex": ex_frame, "enrol": enrol_frame, "enrol_antibody": enrol_antibody, **visits,
-            **({"dm_consent": dm_frame} if consent else {})}
+    consented = {"dm_consent": dm.assign(ctx_before_consent=_before_consent(dm, by_source, consent[0]["records"]))
+                 } if consent else {}
+    return {"dm": with_facts(dm), "lb": lb_screening, "qs": with_facts(qs_screening),
+            "ex": ex_frame, "enrol": enrol_frame, "enrol_antibody": enrol_antibody, **visits, **consented}
 
 
 def _before_consent(dm: pd.DataFrame, by_source: dict[str, pd.DataFrame], records: dict) -> pd.Series:
@@ -273,9 +272,12 @@ def _before_consent(dm: pd.DataFrame, by_source: dict[str, pd.DataFrame], record
             ["USUBJID", "DTC", "FILE", "ROW"], axis=1)
         parts.append(hits.assign(RECORD=record))
     hits = sort_by_keys(pd.concat(parts, ignore_index=True).astype({"FILE": "str"}), ["USUBJID", "DTC", "FILE", "ROW"])
-    counts = hits.groupby("USUBJID", sort=False).size()
+    # Counted per kind: one blood draw is some twenty lab results, not twenty procedures.
+    counts = hits.groupby(["USUBJID", "RECORD"], sort=True).size()
+    kinds = (counts.astype("str") + " " + counts.index.get_level_values("RECORD") + np.where(counts > 1, "s", "")
+             ).groupby(level="USUBJID").agg(", ".join)
     first = hits.drop_duplicates("USUBJID").set_index("USUBJID")
-    text = (counts.astype("str") + " record(s) dated before it; the earliest: " + first["RECORD"] + " on "
+    text = (kinds.reindex(first.index) + " dated before it; the earliest: " + first["RECORD"] + " on "
             + first["DTC"] + " (" + first["FILE"] + " row " + first["ROW"].astype("str") + ")")
     return lookup(dm["USUBJID"], text.astype("str"))
 
