@@ -268,6 +268,10 @@ def print_summary(output: Path, run_id: str) -> None:
     print(f"MESAE {summary['zone']} run {run_id} published to {output}")
     print(f"  subjects: {summary['subjects']}; records: {records}")
     print(f"  held back: {summary['held_back']} raw records; warnings: {warnings}; transfers: {transfers}")
+    for site in summary.get("sites_behind", []):
+        rejected = f"; newer transfer(s) REJECTED: {', '.join(site['newer_rejected'])}" if site["newer_rejected"] else ""
+        print(f"  behind: site {site['site']} is on transfer {site['current']}, "
+              f"{site['hours_behind_newest']:g} h older than the newest site's{rejected}")
     by_rule = ", ".join(f"{r['RULE']} {r['n']}" for r in summary["findings_by_rule"])
     if by_rule:
         print(f"  findings by rule: {by_rule}  (details: {output / 'quarantine.parquet'})")

@@ -48,6 +48,29 @@ class MixedInputsError(RuntimeError):
     re-materialization in the UI): publishing them would mix two nights in one set."""
 
 
+BEHIND = pd.Timedelta(hours=24)   # nightly exports: a day older than the newest site's is a missed night
+
+
+def sites_behind(inventory: pd.DataFrame) -> list[dict]:
+    """Sites whose current data is a night or more older than the newest site's, or that sent a
+    newer transfer that was rejected: the sites a data manager chases in the morning. Times are
+    the transfer folders' (the export time, UTC, by the spec)."""
+    sites = inventory[inventory["SITEID"].notna() & inventory["SITEID"].ne("None")].assign(
+        WHEN=lambda f: pd.to_datetime(f["TRANSFER"], format="%Y%m%dT%H%M%S", errors="coerce"))
+    current = sites[sites["STATUS"] == "CURRENT"].set_index("SITEID")
+    if current.empty:
+        return []
+    newest = current["WHEN"].max()
+    out = []
+    for site, row in current.sort_index().iterrows():
+        rejected = sites[(sites["SITEID"] == site) & (sites["STATUS"] == "REJECTED") & (sites["WHEN"] > row["WHEN"])]
+        hours = (newest - row["WHEN"]) / pd.Timedelta(hours=1)
+        if hours >= BEHIND / pd.Timedelta(hours=1) or len(rejected):
+            out.append({"site": site, "current": row["TRANSFER"], "hours_behind_newest": round(float(hours), 1),
+                        "newer_rejected": sorted(rejected["TRANSFER"])})
+    return out
+
+
 def check_one_input_set(sdtm: dict[str, pd.DataFrame], quarantine: pd.DataFrame, inventory: pd.DataFrame) -> None:
     """Every record and finding to publish comes from a CURRENT transfer of the inventory."""
     current = inventory.loc[inventory["STATUS"] == "CURRENT", ["SITEID", "TRANSFER"]]
@@ -215,6 +238,7 @@ def publish_outputs(folder: OutputFolder, run_id: str, sdtm: dict[str, pd.DataFr
         "subjects": int(sdtm["dm"]["USUBJID"].nunique()) if "dm" in sdtm else 0,
         "held_back": int(sum(r["held_back"] for r in rows.values())),
         "transfers": inventory["STATUS"].value_counts().sort_index().to_dict(),
+        "sites_behind": sites_behind(inventory),
         "findings_by_rule": quarantine.groupby(["RULE", "SEVERITY"]).size().rename("n").reset_index()
         .to_dict(orient="records"),
         "findings_by_site": quarantine.fillna({"SITEID": "(none)"}).groupby(["SITEID", "SEVERITY"]).size()

@@ -511,3 +511,22 @@ def test_sites_gone_names_why_and_lets_withdrawn_sites_go():
     assert gone[1] == "site 03 (last published from transfer 20261122T220000): its folder site-03 is gone from the exports root"
     assert sites_gone(published, now, withdrawn=["02", "03"]) == []
     assert sites_gone({}, now, withdrawn=[]) == []
+
+
+def test_sites_behind_are_those_a_night_late_or_with_a_newer_rejected_transfer():
+    """Every night said "5 current" while one site had sent nothing for three nights and another
+    only broken transfers: run.json (and the summary) now name them."""
+    import pandas as pd
+
+    from pipeline.publication import sites_behind
+
+    rows = [("01", "20261126T220000", "CURRENT"), ("02", "20261126T013000", "CURRENT"),      # 20.5 h: same night
+            ("03", "20261123T220000", "CURRENT"), ("03", "20261122T220000", "SUPERSEDED"),
+            ("05", "20261125T220000", "CURRENT"), ("05", "20261126T220000", "REJECTED"),
+            ("05", "20261124T220000", "REJECTED"),                                          # older: history
+            (None, "site-3", "REJECTED")]
+    inventory = pd.DataFrame(rows, columns=["SITEID", "TRANSFER", "STATUS"]).astype("str")
+    assert sites_behind(inventory) == [
+        {"site": "03", "current": "20261123T220000", "hours_behind_newest": 72.0, "newer_rejected": []},
+        {"site": "05", "current": "20261125T220000", "hours_behind_newest": 24.0, "newer_rejected": ["20261126T220000"]}]
+    assert sites_behind(inventory[inventory["STATUS"] != "CURRENT"]) == []
