@@ -260,6 +260,24 @@ def failure_reason(result) -> str:
     return failure_message(result.all_events) or "see the run's log in the Dagster UI"
 
 
+def _why_not_found(output: Path, usubjid: str, lineage) -> str:
+    """Where to look instead: the subject's other records, or its findings in the quarantine
+    (a subject held back has none in SDTM; --SEQ renumbers when records come and go)."""
+    import pyarrow.parquet as pq
+
+    from pipeline import metadata
+
+    mine = lineage.loc[lineage["USUBJID"] == usubjid, "SEQ"].dropna()
+    if len(mine):
+        return f" (its records have SEQ {int(mine.min())} to {int(mine.max())}: --SEQ renumbers when records come and go)"
+    subjid = usubjid.removeprefix(metadata.study()["usubjid_prefix"])
+    quarantine = pq.read_table(output / "quarantine.parquet", columns=["SUBJID", "SEVERITY"]).to_pandas()
+    errors = int(((quarantine["SUBJID"] == subjid) & (quarantine["SEVERITY"] == "ERROR")).sum())
+    if errors:
+        return f"; the subject has {errors} ERROR finding(s) in {output / 'quarantine.parquet'} (SUBJID {subjid}): held back"
+    return "; the subject has no record in this dataset"
+
+
 def print_summary(output: Path, run_id: str) -> None:
     summary = json.loads((output / "run.json").read_text(encoding="utf-8"))
     records = ", ".join(f"{k.upper()} {v}" for k, v in summary["records"].items())
@@ -326,7 +344,8 @@ def trace(args) -> int:
     lineage = pq.read_table(path).to_pandas()
     hits = lineage[(lineage["USUBJID"] == args.usubjid) & (lineage["SEQ"].fillna(1) == seq)]
     if hits.empty:
-        raise UsageError(f"{args.domain.upper()} has no record USUBJID={args.usubjid} SEQ={seq}")
+        raise UsageError(f"{args.domain.upper()} has no record USUBJID={args.usubjid} SEQ={seq}"
+                         + _why_not_found(args.output, args.usubjid, lineage))
     for hit in hits.drop_duplicates(["SITEID", "TRANSFER", "FILE", "ROW"]).itertuples(index=False):
         source = transfers.Transfer(site=hit.SITEID, name=hit.TRANSFER,
                                     path=args.exports / f"site-{hit.SITEID}" / hit.TRANSFER)

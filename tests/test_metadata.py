@@ -372,6 +372,27 @@ def test_trace_of_an_unknown_record_is_a_one_line_error(run, capsys):
     assert code == 2 and err.count("\n") == 1 and "MESAE-99-999" in err
 
 
+def test_trace_of_a_missing_record_says_where_to_look(run, capsys):
+    """"DM has no record" for a held-back subject did not point to the quarantine, nor, for a
+    renumbered --SEQ, to the subject's records."""
+    import pandas as pd
+
+    from pipeline.cli import main
+
+    lb = pd.read_parquet(run.output / "sdtm" / "lb.parquet")
+    subject = lb["USUBJID"].iloc[0]
+    seqs = lb.loc[lb["USUBJID"] == subject, "LBSEQ"]
+    assert main(["trace", subject, "LB", "9999", "--output", str(run.output), "--exports", str(run.exports)]) == 2
+    assert f"(its records have SEQ {seqs.min()} to {seqs.max()}" in capsys.readouterr().err
+    quarantine = pd.read_parquet(run.output / "quarantine.parquet")
+    errors = quarantine[quarantine["SEVERITY"].eq("ERROR") & quarantine["SUBJID"].notna()]
+    held = sorted(set(errors["SUBJID"]) - set(lb["USUBJID"].str.removeprefix("MESAE-")))[0]
+    assert main(["trace", f"MESAE-{held}", "LB", "1", "--output", str(run.output), "--exports", str(run.exports)]) == 2
+    err = capsys.readouterr().err
+    count = int((errors["SUBJID"] == held).sum())
+    assert f"the subject has {count} ERROR finding(s) in" in err and f"(SUBJID {held}): held back" in err, err
+
+
 def test_trace_of_a_row_gone_from_a_changed_file_is_a_one_line_error(run, tmp_path, capsys):
     """The raw file was cut short after the run: the record's row is not there any more."""
     from pipeline.cli import main
