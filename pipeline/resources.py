@@ -14,7 +14,7 @@ from typing import ClassVar
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
-from pydantic import PrivateAttr
+from pydantic import ConfigDict, PrivateAttr
 
 from pipeline import metadata
 from pipeline.output_folder import STALE_SUFFIX, OutputFolder, asset_store
@@ -58,6 +58,8 @@ class ZonedResource(dg.ConfigurableResource):
     assets at the other zone's output folder or instance, whose checks would then pass."""
 
     ZONE: ClassVar[str]
+    # A `zone=` from code written for the version with a zone field is refused, not dropped.
+    model_config = ConfigDict(extra="forbid")
 
     @classmethod
     def for_zone(cls, zone: str, **config):

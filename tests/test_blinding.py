@@ -262,6 +262,11 @@ def test_the_zone_is_not_run_configuration(zones):
     from pipeline.definitions import JOB_NAME, build_definitions
 
     exports, blinded = zones["root"] / "exports", zones["outputs"]["present"]
+    import pydantic
+
+    from pipeline.resources import StudySettings
+    with pytest.raises(pydantic.ValidationError, match="zone"):   # code written for the old field is refused
+        StudySettings.for_zone("blinded", exports_dir=str(exports), output_dir=str(blinded), zone="unblinded")
     before = published(blinded)
     job = build_definitions(exports, zones["root"] / "unblinded-elsewhere", "unblinded").get_job_def(JOB_NAME)
     config = {"exports_dir": str(exports), "output_dir": str(blinded), "lock_timeout_seconds": 30}
