@@ -62,7 +62,7 @@ class ZonedResource(dg.ConfigurableResource):
     model_config = ConfigDict(extra="forbid")
 
     @classmethod
-    def for_zone(cls, zone: str, **config):
+    def for_zone(cls, zone: str, /, **config):
         return {sub.ZONE: sub for sub in cls.__subclasses__()}[zone](**config)
 
     @property
