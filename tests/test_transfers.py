@@ -574,3 +574,21 @@ def test_a_transfer_dated_ahead_of_the_clock_is_rejected(tmp_path, ahead, accept
         assert len(ahead_of_clock.manifest_files) == 6   # transfers.parquet FILES and ROWS come from its manifest
         _, found, waiting = complete_new_transfers(tmp_path, {})
         assert found == [f"01/{OLD}"] and waiting == [f"site-01/{name} ({reason})"]
+
+
+def test_a_transfer_rejected_before_the_current_one_leaves_the_quarantine(tmp_path):
+    """Site 05's broken transfers of two nights were reported as ERRORs every night after it had
+    sent a good one. A rejection older than the site's current transfer is history: it stays in
+    transfers.parquet; one newer than it is still news."""
+    exports = tmp_path / "exports"
+    broken = write_transfer(exports, "01", OLD, one_subject_trial())
+    rewrite_manifest(broken, lambda m: m["files"]["ae.csv"].update(rows=7))
+    write_transfer(exports, "01", NEW, one_subject_trial())
+    later = write_transfer(exports, "01", "20261124T220000", one_subject_trial())
+    rewrite_manifest(later, lambda m: m["files"]["lb.csv"].update(rows=9))
+    assert run_cli("run", "--exports", str(exports), "--output", str(tmp_path / "out"), home=tmp_path / "home") == 0
+    inventory = pq.read_table(tmp_path / "out" / "transfers.parquet").to_pandas().set_index("TRANSFER")
+    assert inventory["STATUS"].to_dict() == {OLD: "REJECTED", NEW: "CURRENT", "20261124T220000": "REJECTED"}
+    quarantine = pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pandas()
+    rows = quarantine[quarantine["RULE"] == "TRF-ROWS"]
+    assert list(rows["TRANSFER"]) == ["20261124T220000"] and "lb.csv" in rows["MESSAGE"].iloc[0]

@@ -95,10 +95,14 @@ def raw_ingest(settings: StudySettings, store: AssetStore):
             "; ".join(gone) + ". Publishing would drop its subjects from every dataset, so nothing is published and "
             "the previous outputs stay. Restore the site's transfers, or, if the site has closed, run once with "
             "`mesae run --without-site SITEID` (settings.sites_withdrawn in the launchpad)")
-    current = [t for t in all_transfers if t.status == "CURRENT"]
     inventory = inventory_frame(all_transfers)
+    current = [t for t in all_transfers if t.status == "CURRENT"]
+    # A transfer rejected before the site's current one is history (transfers.parquet keeps its
+    # reason); the quarantine holds what is wrong in the data as it stands tonight.
+    newest = {t.site: t.name for t in current}
+    pending = [t for t in all_transfers if not (t.site in newest and t.status == "REJECTED" and t.name < newest[t.site])]
     ingest_findings = findings.combine([
-        findings.from_records([p for t in all_transfers for p in t.problems]),
+        findings.from_records([p for t in pending for p in t.problems]),
         findings.from_records([f for t in current for raw in t.files.values() for f in raw.findings]),
     ])
     version = dg.DataVersion(hashlib.sha256("".join(sorted(
