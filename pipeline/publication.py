@@ -29,7 +29,8 @@ TRANSFER_LABELS = {
 }
 ELIGIBILITY_LABELS = {
     "USUBJID": "Unique Subject Identifier", "SITEID": "Study Site Identifier", "RULE": "Rule Identifier",
-    "CRITERION": "Eligibility Criterion (registry)", "OBSERVED": "Observed Value", "FILE": "Raw File",
+    "CRITERION": "Eligibility Criterion (registry)", "OBSERVED": "Observed Value", "TRANSFER": "Transfer Folder",
+    "FILE": "Raw File",
     "ROW": "Data Row in Raw File (1-based)",
 }
 LINEAGE_LABELS = {

@@ -208,3 +208,17 @@ def test_procedures_before_informed_consent_are_reported_once_per_subject():
                           "2026-06-28 (lb.csv row 1) (MESAE-01-001)")
     assert "after 1 lab result, 1 mRS score dated before it; the earliest: lab result on 2026-02 (lb.csv row 6)" in consent[3]
     assert (found.loc[found["RULE"] == "PROT-CONSENT", "SEVERITY"] == "WARNING").all()
+
+
+def test_the_eligibility_listing_names_the_transfer_of_the_raw_row():
+    """ROW without TRANSFER was ambiguous when a stale site's data came from an older transfer."""
+    dm = subjects(2)
+    dm["AGE"] = [17, 40]
+    dm["src_transfer"] = ["20261120T220000", "20261123T220005"]
+    frames = prepare_frames(dm, dated(no_records("LBDY", LBTESTCD=1, LBSTRESC=1, LBNRIND=1, LBSTNRHI=1), "LBDTC"),
+                            dated(no_records("QSDY", QSEVINTX=1, QSSTRESN=1), "QSDTC"),
+                            dated(no_records("EXSTDY"), "EXSTDTC"), pd.DataFrame({"SUBJID": pd.Series(dtype="str")}))
+    listing = evaluate({"dm": frames["dm"]})[1]
+    assert list(listing.columns) == ["USUBJID", "SITEID", "RULE", "CRITERION", "OBSERVED", "TRANSFER", "FILE", "ROW"]
+    assert listing[["USUBJID", "RULE", "TRANSFER", "FILE", "ROW"]].values.tolist() == [
+        ["MESAE-01-001", "PROT-AGE", "20261120T220000", "dm.csv", 1]]

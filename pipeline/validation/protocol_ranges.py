@@ -25,7 +25,7 @@ from pipeline.derivations.visits import schedule
 from pipeline.validation.pandera_failures import placed_failures
 
 SCREENING = "SCREENING"
-LISTING_COLUMNS = ["USUBJID", "SITEID", "RULE", "CRITERION", "OBSERVED", "FILE", "ROW"]
+LISTING_COLUMNS = ["USUBJID", "SITEID", "RULE", "CRITERION", "OBSERVED", "TRANSFER", "FILE", "ROW"]
 
 
 @dataclass
@@ -309,13 +309,15 @@ def evaluate(frames: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFram
                 listing.append(pd.DataFrame({
                     "USUBJID": rows["USUBJID"].to_numpy(), "SITEID": rows["SITEID"].to_numpy(),
                     "RULE": check.item["rule"], "CRITERION": check.item["criterion"],
-                    "OBSERVED": check.observed(rows).to_numpy(), "FILE": rows["src_file"].astype("str").to_numpy(),
+                    "OBSERVED": check.observed(rows).to_numpy(),
+                    "TRANSFER": rows["src_transfer"].astype("str").to_numpy(),
+                    "FILE": rows["src_file"].astype("str").to_numpy(),
                     "ROW": rows["src_row"].to_numpy()}))
     listing_frame = (pd.concat(listing, ignore_index=True) if listing
                      else pd.DataFrame({c: pd.Series(dtype="str") for c in LISTING_COLUMNS}))
     listing_frame["ROW"] = listing_frame["ROW"].astype("Int64")
     listing_frame = sort_by_keys(listing_frame.astype({c: "str" for c in LISTING_COLUMNS if c != "ROW"}),
-                                 ["USUBJID", "RULE", "CRITERION", "FILE", "ROW"])
+                                 ["USUBJID", "RULE", "CRITERION", "TRANSFER", "FILE", "ROW"])
     return findings.combine(out), listing_frame
 
 
