@@ -267,8 +267,10 @@ def _before_consent(dm: pd.DataFrame, by_source: dict[str, pd.DataFrame], record
         # Text before the consent's is necessary for being before it at the common precision
         # (`2026-02` < `2026-02-27`); the exact comparison then runs on those few rows only.
         candidates = np.flatnonzero((dtc < consented).fillna(False).to_numpy(dtype=bool))
-        before = compare_partial(dtc.iloc[candidates], consented.iloc[candidates]).eq(-1).fillna(False).to_numpy(dtype=bool)
-        hits = frame[["USUBJID", column, "src_file", "src_row"]].iloc[candidates[before]].set_axis(
+        if candidates.size:
+            before = compare_partial(dtc.iloc[candidates], consented.iloc[candidates]).eq(-1).fillna(False)
+            candidates = candidates[before.to_numpy(dtype=bool)]
+        hits = frame[["USUBJID", column, "src_file", "src_row"]].iloc[candidates].set_axis(
             ["USUBJID", "DTC", "FILE", "ROW"], axis=1)
         parts.append(hits.assign(RECORD=record))
     hits = sort_by_keys(pd.concat(parts, ignore_index=True).astype({"FILE": "str"}), ["USUBJID", "DTC", "FILE", "ROW"])

@@ -81,6 +81,16 @@ class Parsed:
     def result(self, column: str = "LBORRES") -> pd.DataFrame:
         return self._memo(("result", column), lambda: labs.parse_result(self.frame[column]))
 
+    def export_limit(self) -> pd.Series:
+        """Per row, the last day a record of its transfer may carry: the export day (the folder
+        names the UTC time) plus one for the sites' time zone."""
+        def compute():
+            transfers = self.frame["src_transfer"]
+            names = pd.Series(pd.unique(transfers.dropna()), dtype="str")
+            day = pd.to_datetime(names.str.slice(0, 8), format="%Y%m%d", errors="coerce") + pd.Timedelta(days=1)
+            return lookup(transfers, pd.Series(day.dt.strftime("%Y-%m-%d").astype("str").to_numpy(), index=names))
+        return self._memo(("export_limit",), compute)
+
     def canonical(self, column: str) -> pd.Series:
         """Values as the pipeline compares them: codes recoded, dates in ISO, unscheduled visits
         told apart by their date, test names as LBTESTCD, numbers kept as text by their value."""
@@ -193,17 +203,13 @@ def _after_export(date_column: str) -> RawRule:
     """A date after its transfer's export cannot have happened yet (a typed year, say): it is
     mapped as written and reported. The transfer folder names the export time in UTC; a day
     more allows for the sites' time zone. Only dates certainly after count (`2026-11` is not)."""
-    def cutoff(transfers: pd.Series) -> pd.Series:
-        names = pd.Series(pd.unique(transfers.dropna().astype("str")), dtype="str")
-        day = pd.to_datetime(names.str.slice(0, 8), format="%Y%m%d", errors="coerce") + pd.Timedelta(days=1)
-        return lookup(transfers, pd.Series(day.dt.strftime("%Y-%m-%d").astype("str").to_numpy(), index=names))
-
     def passes(p: Parsed) -> pd.Series:
-        date, limit = p.iso(date_column), cutoff(p.frame["src_transfer"])
+        date, limit = p.iso(date_column), p.export_limit()
         candidates = np.flatnonzero((date > limit).fillna(False).to_numpy(dtype=bool))
-        after = compare_partial(date.iloc[candidates], limit.iloc[candidates]).eq(1).fillna(False).to_numpy(dtype=bool)
         ok = np.ones(len(date), dtype=bool)
-        ok[candidates[after]] = False
+        if candidates.size:   # text after the limit's is necessary; the exact comparison is on those rows
+            after = compare_partial(date.iloc[candidates], limit.iloc[candidates]).eq(1).fillna(False)
+            ok[candidates[after.to_numpy(dtype=bool)]] = False
         return pd.Series(ok, index=p.frame.index)
 
     return RawRule("RAW-DATE-AFTER-EXPORT", date_column, passes, lambda rows: {
