@@ -267,14 +267,19 @@ def _why_not_found(output: Path, usubjid: str, lineage) -> str:
 
     from pipeline import metadata
 
+    prefix = metadata.study()["usubjid_prefix"]
+    if not usubjid.startswith(prefix):
+        return f" (a USUBJID is {prefix}<SUBJID>, e.g. {prefix}01-001)"
     mine = lineage.loc[lineage["USUBJID"] == usubjid, "SEQ"].dropna()
     if len(mine):
         return f" (its records have SEQ {int(mine.min())} to {int(mine.max())}: --SEQ renumbers when records come and go)"
-    subjid = usubjid.removeprefix(metadata.study()["usubjid_prefix"])
-    quarantine = pq.read_table(output / "quarantine.parquet", columns=["SUBJID", "SEVERITY"]).to_pandas()
-    errors = int(((quarantine["SUBJID"] == subjid) & (quarantine["SEVERITY"] == "ERROR")).sum())
-    if errors:
-        return f"; the subject has {errors} ERROR finding(s) in {output / 'quarantine.parquet'} (SUBJID {subjid}): held back"
+    subjid, files = usubjid.removeprefix(prefix), set(lineage["FILE"].dropna().astype("str"))
+    quarantine = pq.read_table(output / "quarantine.parquet", columns=["SUBJID", "FILE", "ROW", "SEVERITY"]).to_pandas()
+    held = quarantine[(quarantine["SUBJID"] == subjid) & (quarantine["SEVERITY"] == "ERROR")
+                      & quarantine["FILE"].isin(files)].drop_duplicates(["FILE", "ROW"])
+    if len(held):
+        return (f"; {len(held)} of the subject's records in {', '.join(sorted(set(held['FILE'])))} are held back "
+                f"(ERROR findings in {output / 'quarantine.parquet'}, SUBJID {subjid})")
     return "; the subject has no record in this dataset"
 
 

@@ -64,7 +64,8 @@ def sites_behind(inventory: pd.DataFrame) -> list[dict]:
     newest = current["WHEN"].max()
     out = []
     for site, row in current.sort_index().iterrows():
-        rejected = sites[(sites["SITEID"] == site) & (sites["STATUS"] == "REJECTED") & (sites["WHEN"] > row["WHEN"])]
+        later = (sites["WHEN"] > row["WHEN"]) | sites["WHEN"].isna()   # a name that is no time cannot be placed
+        rejected = sites[(sites["SITEID"] == site) & (sites["STATUS"] == "REJECTED") & later]
         hours = (newest - row["WHEN"]) / pd.Timedelta(hours=1)
         if hours >= BEHIND / pd.Timedelta(hours=1) or len(rejected):
             out.append({"site": site, "current": row["TRANSFER"], "hours_behind_newest": round(float(hours), 1),

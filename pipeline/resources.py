@@ -133,8 +133,8 @@ class AssetStore(ZonedResource):
 
     Arrow IPC keeps dtypes (text, nullable integers, categories) and reads back memory-mapped, so
     handing a million lab rows to the next step costs little; the files belong to the output
-    folder, hence to its blinding zone, which the store checks (and records in a new folder) on
-    its own: its folder can be set in run config apart from the settings'. `DataFrame.attrs`
+    folder, hence to its blinding zone, which the store checks on its own; every asset also makes
+    sure it is the run's output folder (`store_of`), as run config can set the two apart. `DataFrame.attrs`
     travel in the schema metadata. Assets save and load through this resource and report
     `MaterializeResult`s, so Dagster records one materialization per asset and no per-input or
     per-output handling events.
@@ -144,9 +144,7 @@ class AssetStore(ZonedResource):
     _discards: list[Future] = PrivateAttr(default_factory=list)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        folder = OutputFolder(Path(self.output_dir), self.zone)
-        folder.check_zone()
-        folder.claim()
+        OutputFolder(Path(self.output_dir), self.zone).check_zone()
 
     def _path(self, key: dg.AssetKey) -> Path:
         return asset_store(Path(self.output_dir)).joinpath(*key.path).with_suffix(".arrow")
@@ -195,3 +193,13 @@ class BlindedAssetStore(AssetStore):
 
 class UnblindedAssetStore(AssetStore):
     ZONE: ClassVar[str] = "unblinded"
+
+
+def store_of(settings: StudySettings, store: AssetStore) -> AssetStore:
+    """The store, once it is known to keep its values in the run's output folder, whose checks
+    (zone, not inside the exports or another output folder) it then shares: its folder can be
+    set in run config apart from the settings', and a stash in the exports root took the arms."""
+    if Path(store.output_dir).resolve() != Path(settings.output_dir).resolve():
+        raise ZoneError(f"the asset store's folder {store.output_dir} is not the run's output folder "
+                        f"{settings.output_dir}; set both to the same folder")
+    return store

@@ -84,6 +84,19 @@ class SiteGoneError(Exception):
     """A site of the last published set has no usable transfer now: publishing would drop it."""
 
 
+def withdrawals(published: dict[str, dict], transfers: list[Transfer], withdrawn: list[str]) -> list[dict]:
+    """TRF-SITE-WITHDRAWN for each site of the last published set this run was told to let go,
+    so that the published set itself says why its subjects left. A site to withdraw that still
+    has a current transfer is refused: the run would publish it all the same."""
+    usable = {t.site: t.name for t in transfers if t.status == "CURRENT"}
+    present = sorted(site for site in withdrawn if site in usable)
+    if present:
+        raise SiteGoneError("; ".join(f"site {site} is to be withdrawn but has a current transfer ({usable[site]})"
+                                      for site in present) + ": withdraw only a site that sends no usable data")
+    return [findings.single("TRF-SITE-WITHDRAWN", site=site, transfer=published[site].get("transfer"), value=site,
+                            detail=published[site].get("transfer")) for site in sorted(set(withdrawn) & set(published))]
+
+
 def sites_gone(published: dict[str, dict], transfers: list[Transfer], withdrawn: list[str]) -> list[str]:
     """Why each site of the last published set (run.json `inputs`) would drop out of this one:
     its folder is gone, or no transfer of it can be read. A site the run was told is withdrawn
@@ -606,16 +619,17 @@ def _empty_lines(body: bytes, records: int) -> list[int]:
     so from there on ROW (the data record's number) is not the line number minus one that the
     site sees. A file with one line break per record has none: all the common case costs is
     counting its line breaks (CR-only files are not looked at)."""
-    data = body.rstrip(b"\r\n")
+    data = body.rstrip(b"\r\n").lstrip(b"\r\n")
+    leading = body[: len(body) - len(body.lstrip(b"\r\n"))].count(b"\n")   # before the header
     if data.count(b"\n") < records:
-        return []
+        return list(range(1, leading + 1))
     bytes_ = np.frombuffer(data, dtype=np.uint8)
     breaks = np.flatnonzero(bytes_ == ord("\n"))
     gap = np.diff(breaks)
     ends = breaks[1:][(gap == 1) | ((gap == 2) & (bytes_[breaks[:-1] + 1] == ord("\r")))]
     quotes = np.flatnonzero(bytes_ == ord('"'))
     outside = np.searchsorted(quotes, ends) % 2 == 0
-    return (np.searchsorted(breaks, ends[outside]) + 1).tolist()
+    return list(range(1, leading + 1)) + (np.searchsorted(breaks, ends[outside]) + 1 + leading).tolist()
 
 
 def _header_width(body: bytes) -> int:

@@ -285,6 +285,12 @@ def test_the_zone_is_not_run_configuration(zones):
     assert not result.success
     assert sorted((p, p.stat().st_mtime_ns) for p in (blinded / ".mesae" / "assets").rglob("*")) == stored
     assert not (blinded / ".mesae" / "assets" / "raw" / "randomization.arrow").exists()
+    # nor at a fresh folder, however placed (a stash in the exports root took the arms)
+    stash = exports / "site-01" / "stash"
+    result = job.execute_in_process(
+        run_config={"resources": {"store": {"config": {"output_dir": str(stash)}}}},
+        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert not result.success and not stash.exists()
     assert published(blinded) == before
 
 

@@ -386,11 +386,17 @@ def test_trace_of_a_missing_record_says_where_to_look(run, capsys):
     assert f"(its records have SEQ {seqs.min()} to {seqs.max()}" in capsys.readouterr().err
     quarantine = pd.read_parquet(run.output / "quarantine.parquet")
     errors = quarantine[quarantine["SEVERITY"].eq("ERROR") & quarantine["SUBJID"].notna()]
-    held = sorted(set(errors["SUBJID"]) - set(lb["USUBJID"].str.removeprefix("MESAE-")))[0]
-    assert main(["trace", f"MESAE-{held}", "LB", "1", "--output", str(run.output), "--exports", str(run.exports)]) == 2
+    cases = [(domain, file, subjid) for domain, file in [("LB", "lb.csv"), ("QS", "mrs.csv"), ("AE", "ae.csv"),
+                                                          ("EX", "ex.csv")]
+             for subjid in sorted(set(errors.loc[errors["FILE"] == file, "SUBJID"]) - set(
+                 pd.read_parquet(run.output / "sdtm" / f"{domain.lower()}.parquet")["USUBJID"].str.removeprefix("MESAE-")))]
+    domain, file, held = cases[0]          # a subject whose only records in that file are held back
+    assert main(["trace", f"MESAE-{held}", domain, "1", "--output", str(run.output), "--exports", str(run.exports)]) == 2
     err = capsys.readouterr().err
-    count = int((errors["SUBJID"] == held).sum())
-    assert f"the subject has {count} ERROR finding(s) in" in err and f"(SUBJID {held}): held back" in err, err
+    count = len(errors.loc[(errors["SUBJID"] == held) & (errors["FILE"] == file), ["FILE", "ROW"]].drop_duplicates())
+    assert f"; {count} of the subject's records in {file} are held back (ERROR findings in" in err, err
+    assert main(["trace", "01-001", "DM", "1", "--output", str(run.output), "--exports", str(run.exports)]) == 2
+    assert "(a USUBJID is MESAE-<SUBJID>, e.g. MESAE-01-001)" in capsys.readouterr().err
 
 
 def test_trace_of_a_row_gone_from_a_changed_file_is_a_one_line_error(run, tmp_path, capsys):

@@ -478,6 +478,8 @@ def test_a_published_site_that_vanishes_fails_the_run_until_it_is_withdrawn(tmp_
     """A site folder deleted or unmounted dropped the site's subjects from every dataset, exit 0,
     with no finding: the run now fails and keeps the published set, until the site comes back or
     the data manager says it has closed (`--without-site`)."""
+    import pandas as pd
+
     from conftest import run_cli
     from pipeline.synthetic_trial import generate_trial
 
@@ -491,9 +493,16 @@ def test_a_published_site_that_vanishes_fails_the_run_until_it_is_withdrawn(tmp_
     error = capsys.readouterr().err
     assert "site 03 (last published from transfer" in error and "its folder site-03 is gone" in error, error
     assert {p: (output / p).read_bytes() for p in before} == before
+    assert run_cli("run", "--exports", str(exports), "--output", str(output), "--without-site", "01",
+                   home=tmp_path / "home") == 1             # site 01 sends data: withdrawing it is refused
+    assert "site 01 is to be withdrawn but has a current transfer" in capsys.readouterr().err
     assert run_cli("run", "--exports", str(exports), "--output", str(output), "--without-site", "03",
                    home=tmp_path / "home") == 0
     assert "03" not in json.loads((output / "run.json").read_text())["inputs"]
+    quarantine = pd.read_parquet(output / "quarantine.parquet")
+    (message,) = quarantine.loc[quarantine["RULE"] == "TRF-SITE-WITHDRAWN", "MESSAGE"]   # the set says why
+    assert message.startswith("site 03 withdrawn by this run's settings (mesae run --without-site): its subjects, "
+                              "last published from transfer ")
     assert run_cli("run", "--exports", str(exports), "--output", str(output), home=tmp_path / "home") == 0
 
 
@@ -524,9 +533,11 @@ def test_sites_behind_are_those_a_night_late_or_with_a_newer_rejected_transfer()
             ("03", "20261123T220000", "CURRENT"), ("03", "20261122T220000", "SUPERSEDED"),
             ("05", "20261125T220000", "CURRENT"), ("05", "20261126T220000", "REJECTED"),
             ("05", "20261124T220000", "REJECTED"),                                          # older: history
+            ("01", "2026-11-27T220000", "REJECTED"),                     # a name that is no time: news
             (None, "site-3", "REJECTED")]
     inventory = pd.DataFrame(rows, columns=["SITEID", "TRANSFER", "STATUS"]).astype("str")
     assert sites_behind(inventory) == [
+        {"site": "01", "current": "20261126T220000", "hours_behind_newest": 0.0, "newer_rejected": ["2026-11-27T220000"]},
         {"site": "03", "current": "20261123T220000", "hours_behind_newest": 72.0, "newer_rejected": []},
         {"site": "05", "current": "20261125T220000", "hours_behind_newest": 24.0, "newer_rejected": ["20261126T220000"]}]
     assert sites_behind(inventory[inventory["STATUS"] != "CURRENT"]) == []

@@ -425,6 +425,7 @@ def test_age_must_be_the_age_at_consent_from_the_birth_date(birth, consent, age,
     ("Y", "RECOVERED/RESOLVED", False), ("YES", "FATAL", False), ("y", "RECOVERED/RESOLVED WITH SEQUELAE", False),
     ("Y", "RECOVERING/RESOLVING", True), ("Y", "NOT RECOVERED/NOT RESOLVED", True), ("Y", "UNKNOWN", True),
     ("Y", None, True), ("N", "RECOVERED/RESOLVED", True), (None, "RECOVERED/RESOLVED", True),
+    ("Y", "recovering/resolving", True), ("Y", "XYZ", True),     # not in the codelist: RAW-CODELIST's finding
 ])
 def test_an_ongoing_event_cannot_have_resolved(ongoing, outcome, consistent):
     """AEONGO = Y with AEOUT = RECOVERED/RESOLVED was published as ONGOING and RECOVERED."""

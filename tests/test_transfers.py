@@ -206,6 +206,7 @@ def test_empty_lines_between_records_are_reported(tmp_path, newline):
     (finding,) = [f for f in raw.findings if f["RULE"] == "RAW-EMPTY-LINE"]
     assert finding["SEVERITY"] == "WARNING" and finding["ROW"] is None
     assert finding["MESSAGE"].startswith("ae.csv: 2 empty line(s) skipped (line 3, 7); ROW numbers the data records")
+    assert transfers._empty_lines(newline * 2 + newline.join(lines), 4) == [1, 2, 5, 9]   # before the header too
 
 
 def test_a_file_without_empty_lines_has_no_finding(tmp_path):
@@ -586,9 +587,12 @@ def test_a_transfer_rejected_before_the_current_one_leaves_the_quarantine(tmp_pa
     write_transfer(exports, "01", NEW, one_subject_trial())
     later = write_transfer(exports, "01", "20261124T220000", one_subject_trial())
     rewrite_manifest(later, lambda m: m["files"]["lb.csv"].update(rows=9))
+    shutil.copytree(later, exports / "site-01" / "2026-11-25T220005")   # a name that is no export time
     assert run_cli("run", "--exports", str(exports), "--output", str(tmp_path / "out"), home=tmp_path / "home") == 0
     inventory = pq.read_table(tmp_path / "out" / "transfers.parquet").to_pandas().set_index("TRANSFER")
-    assert inventory["STATUS"].to_dict() == {OLD: "REJECTED", NEW: "CURRENT", "20261124T220000": "REJECTED"}
+    assert inventory["STATUS"].to_dict() == {OLD: "REJECTED", NEW: "CURRENT", "20261124T220000": "REJECTED",
+                                             "2026-11-25T220005": "REJECTED"}
     quarantine = pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pandas()
     rows = quarantine[quarantine["RULE"] == "TRF-ROWS"]
     assert list(rows["TRANSFER"]) == ["20261124T220000"] and "lb.csv" in rows["MESSAGE"].iloc[0]
+    assert list(quarantine.loc[quarantine["RULE"] == "TRF-FOLDER", "TRANSFER"]) == ["2026-11-25T220005"]

@@ -15,7 +15,7 @@ import pandas as pd
 
 from pipeline import findings, metadata, transfers
 from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema, markdown_table
-from pipeline.resources import AssetStore, StudySettings
+from pipeline.resources import AssetStore, StudySettings, store_of
 
 EXPORTS_KEY = dg.AssetKey(["exports", "site_transfers"])
 RAW_KEYS = {name: dg.AssetKey(["raw", name]) for name in metadata.RAW_FILES}
@@ -85,11 +85,14 @@ def _raw_specs() -> list[dg.AssetSpec]:
 
 @dg.multi_asset(specs=_raw_specs(), name="raw_ingest", can_subset=False)
 def raw_ingest(settings: StudySettings, store: AssetStore):
+    store = store_of(settings, store)
     known = transfers.KnownTransfers(settings.output.state / "known_transfers.json")
     all_transfers = [*transfers.select_current(transfers.list_transfers(settings.exports), known),
                      *transfers.misnamed_site_folders(settings.exports)]
     known.save()
-    gone = transfers.sites_gone(settings.output.published_inputs(), all_transfers, settings.sites_withdrawn)
+    published = settings.output.published_inputs()
+    withdrawn = transfers.withdrawals(published, all_transfers, settings.sites_withdrawn)
+    gone = transfers.sites_gone(published, all_transfers, settings.sites_withdrawn)
     if gone:
         raise transfers.SiteGoneError(
             "; ".join(gone) + ". Publishing would drop its subjects from every dataset, so nothing is published and "
@@ -98,11 +101,13 @@ def raw_ingest(settings: StudySettings, store: AssetStore):
     inventory = inventory_frame(all_transfers)
     current = [t for t in all_transfers if t.status == "CURRENT"]
     # A transfer rejected before the site's current one is history (transfers.parquet keeps its
-    # reason); the quarantine holds what is wrong in the data as it stands tonight.
+    # reason); the quarantine holds what is wrong in the data as it stands tonight. A folder name
+    # that is no export time (`2026-11-25T220005`) cannot be placed: it stays news.
     newest = {t.site: t.name for t in current}
-    pending = [t for t in all_transfers if not (t.site in newest and t.status == "REJECTED" and t.name < newest[t.site])]
+    pending = [t for t in all_transfers if not (t.site in newest and t.status == "REJECTED" and t.name < newest[t.site]
+                                                and transfers.TRANSFER_FOLDER.match(t.name))]
     ingest_findings = findings.combine([
-        findings.from_records([p for t in pending for p in t.problems]),
+        findings.from_records([p for t in pending for p in t.problems] + withdrawn),
         findings.from_records([f for t in current for raw in t.files.values() for f in raw.findings]),
     ])
     version = dg.DataVersion(hashlib.sha256("".join(sorted(
@@ -148,6 +153,7 @@ def build_randomization_asset() -> dg.AssetsDefinition:
     @dg.asset(key=RANDOMIZATION_KEY, group_name="raw", owners=OWNERS, kinds={"csv", "pandas"},
               description="IWRS randomization list (unblinded/randomization.csv), unblinded zone only.")
     def randomization(settings: StudySettings, store: AssetStore) -> dg.MaterializeResult:
+        store = store_of(settings, store)
         frame, problems = transfers.read_randomization(settings.exports)
         frame.attrs["ingest_findings"] = problems
         store.save(RANDOMIZATION_KEY, frame)

@@ -19,7 +19,7 @@ from pipeline.assets.sdtm import sdtm_key
 from pipeline.mapping_engine import column_lineage, qualifier_lineage
 from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RANDOMIZATION_KEY
 from pipeline.publication import check_one_code_version, publish_outputs
-from pipeline.resources import AssetStore, StudySettings
+from pipeline.resources import AssetStore, StudySettings, store_of
 from pipeline.sdtm_datasets import dataset_schema, sdtm_datasets
 from pipeline.validation import protocol_ranges
 
@@ -86,6 +86,7 @@ def build_report_assets(zone: str) -> dg.AssetsDefinition:
 
     @dg.multi_asset(name="reports", specs=specs, check_specs=[eligibility_spec(ELIGIBILITY_KEY)], can_subset=False)
     def reports(context: AssetExecutionContext, settings: StudySettings, store: AssetStore):
+        store = store_of(settings, store)
         loaded = {key: store.load(key) for key in [*sdtm_keys, VALIDATED_KEYS["enrol"], INGEST_FINDINGS_KEY,
                                                    FINDINGS_KEY, INVENTORY_KEY, *randomization]}
         check_one_code_version({key.to_user_string(): frame for key, frame in loaded.items()}, metadata.code_version())

@@ -23,7 +23,7 @@ from pipeline.derivations.iso_dates import site_date_to_iso
 from pipeline.derivations.visits import unscheduled_visit_numbers
 from pipeline.mapping_engine import (UNBLINDED_SOURCES, MappingInputs, check_mapping, column_lineage, map_domain,
                                      qualifier_lineage)
-from pipeline.resources import AssetStore, StudySettings
+from pipeline.resources import AssetStore, StudySettings, store_of
 from pipeline.sdtm_datasets import arrow_type, dataset_schema
 
 SDTM_PREFIX = "sdtm"
@@ -187,6 +187,7 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
 
     @dg.multi_asset(name="sdtm_domains", specs=specs, check_specs=checks, can_subset=False)
     def sdtm_domains(settings: StudySettings, store: AssetStore):
+        store = store_of(settings, store)
         inputs = {name: store.load(key) for name, key in loads.items()}
         inventory = inputs["transfer_inventory"]
         current = inventory[inventory["STATUS"] == "CURRENT"]

@@ -14,7 +14,7 @@ from pipeline.assets.checks import raw_contract_result, raw_contract_spec
 from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema
 from pipeline.assets.raw import RAW_KEYS, RANDOMIZATION_KEY
 from pipeline.validation import randomization as iwrs
-from pipeline.resources import AssetStore
+from pipeline.resources import AssetStore, StudySettings, store_of
 from pipeline.validation.raw_contract import validate_raw
 
 VALIDATED_KEYS = {name: dg.AssetKey(["validated", name]) for name in metadata.RAW_FILES}
@@ -37,7 +37,8 @@ def build_validation_asset(zone: str) -> dg.AssetsDefinition:
     checks = [raw_contract_spec(VALIDATED_KEYS[n], metadata.raw_schema(n)["file"]) for n in metadata.RAW_FILES]
 
     @dg.multi_asset(specs=specs, name="raw_contract_validation", check_specs=checks, can_subset=False)
-    def raw_contract_validation(store: AssetStore):
+    def raw_contract_validation(settings: StudySettings, store: AssetStore):
+        store = store_of(settings, store)
         raw = {name: store.load(key) for name, key in RAW_KEYS.items()}
         validated, raw_findings = validate_raw(raw)
         extra = []

@@ -235,6 +235,13 @@ def _condition(p: Parsed, when: dict) -> pd.Series:
     return mask
 
 
+def _readable(p: Parsed, column: str) -> pd.Series:
+    spec = p.columns[column]
+    if spec.get("kind") == "code":
+        return p.code(column, spec["codelist"]).notna()
+    return p.frame[column].notna()
+
+
 def _when_text(when: dict) -> str:
     return " and ".join(f"{c} = {v}" for c, v in when.items())
 
@@ -281,8 +288,9 @@ def record_rules(schema: dict) -> list[RawRule]:
         elif rule == "RAW-VALUE-IF":
             column, when, allowed = item["column"], item["when"], item["one_of"]
             out.append(RawRule(rule, column,
-                               lambda p, c=column, w=when, a=allowed:
-                               ~(_condition(p, w) & p.frame[c].notna() & ~p.canonical(c).isin(a).fillna(False)),
+                               # a value outside its codelist is RAW-CODELIST's finding, not this one's
+                               lambda p, c=column, w=when, a=allowed: ~(_condition(p, w) & _readable(p, c)
+                                                                        & ~p.canonical(c).isin(a).fillna(False)),
                                lambda rows, c=column, w=when, a=allowed, why=item["why"]:
                                {"value": rows[c], "detail": _when_text(w), "expected": " or ".join(a) + f" ({why})"}))
         elif rule == "RAW-DATE-ORDER":
