@@ -615,7 +615,8 @@ def _refuse_stray_quote(body: bytes) -> None:
 
 
 def _empty_lines(body: bytes, records: int) -> list[int]:
-    """Lines (1-based) left empty between records, outside quoted fields. The readers skip them,
+    """Lines (1-based) left empty before the header or between records, outside quoted fields
+    (trailing ones change no numbering). The readers skip them,
     so from there on ROW (the data record's number) is not the line number minus one that the
     site sees. A file with one line break per record has none: all the common case costs is
     counting its line breaks (CR-only files are not looked at)."""
