@@ -15,7 +15,7 @@ from pipeline import findings, metadata
 from pipeline.derivations.distinct_values import as_text, on_distinct_rows
 from pipeline.output_folder import OutputFolder
 from pipeline.sdtm_datasets import sdtm_table, to_table, writes_in_background
-from pipeline.transfers import RANDOMIZATION_PATH
+from pipeline.transfers import RANDOMIZATION_PATH, folder_times
 
 QUARANTINE_LABELS = {
     "SITEID": "Study Site Identifier", "TRANSFER": "Transfer Folder", "FILE": "Raw File",
@@ -57,7 +57,7 @@ def sites_behind(inventory: pd.DataFrame) -> list[dict]:
     newer transfer that was rejected: the sites a data manager chases in the morning. Times are
     the transfer folders' (the export time, UTC, by the spec)."""
     sites = inventory[inventory["SITEID"].notna() & inventory["SITEID"].ne("None")].assign(
-        WHEN=lambda f: pd.to_datetime(f["TRANSFER"], format="%Y%m%dT%H%M%S", errors="coerce"))
+        WHEN=lambda f: folder_times(f["TRANSFER"]))
     current = sites[sites["STATUS"] == "CURRENT"].set_index("SITEID")
     if current.empty:
         return []

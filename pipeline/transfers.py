@@ -172,9 +172,17 @@ def _valid_folder_time(name: str) -> bool:
     return True
 
 
+FOLDER_TIME = "%Y%m%dT%H%M%S"
+
+
 def folder_time(name: str) -> datetime:
     """The UTC time of export a transfer folder is named after (spec section 3)."""
-    return datetime.strptime(name, "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
+    return datetime.strptime(name, FOLDER_TIME).replace(tzinfo=timezone.utc)
+
+
+def folder_times(names: pd.Series) -> pd.Series:
+    """`folder_time` of a column of folder names (UTC, naive); NaT for a name that is no time."""
+    return pd.to_datetime(names, format=FOLDER_TIME, errors="coerce")
 
 
 EXPORT_TIME_TOLERANCE = timedelta(hours=1)   # between the folder name and exported_at (an export takes time)

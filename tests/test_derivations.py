@@ -438,3 +438,15 @@ def test_apart_values_separate_only_the_listed_values(value, key):
 def test_a_unit_is_known_only_where_listed_or_not_needed(code, result, unit, known):
     kinds = labs.parse_result(pd.Series([result], dtype="str"))["kind"]
     assert values(labs.unit_is_known(pd.Series([code]), pd.Series([unit], dtype="str"), kinds)) == [known]
+
+
+@pytest.mark.parametrize("left, right, before, after", [
+    ("2026-02-28", "2026-03-01", True, False), ("2026-02", "2026-02-27", False, False),
+    ("2026-01", "2026-02-27", True, False), ("2026-03-01T08:00", "2026-03-01", False, False),
+    ("2027", "2026-12-31", False, True), ("2026-12", "2026-12-02", False, False), (None, "2026-01-01", False, False),
+])
+def test_certainly_ordered_at_the_common_precision(left, right, before, after):
+    from pipeline.derivations.iso_dates import certainly_ordered
+
+    pair = pd.Series([left], dtype="str"), pd.Series([right], dtype="str")
+    assert (len(certainly_ordered(*pair, -1)), len(certainly_ordered(*pair, 1))) == (int(before), int(after))

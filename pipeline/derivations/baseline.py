@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.derivations.iso_dates import date_part, is_complete_date, partial_date_bounds
+from pipeline.derivations.iso_dates import date_part, is_complete_date, narrowed_bound, partial_date_bounds
 
 
 def last_observation_before_exposure(
@@ -35,7 +35,7 @@ def last_observation_before_exposure(
         first_day, last_day = partial_date_bounds(ref[partial_reference])
         if reference_by is not None:
             by_day = frame.loc[partial_reference, reference_by].str.slice(0, 10)
-            last_day = last_day.where(~(by_day < last_day).fillna(False), by_day)
+            last_day = narrowed_bound(last_day, ref[partial_reference], by_day, later=False)
         day = when[partial_reference].str.slice(0, 10)
         eligible[partial_reference] = placed[partial_reference] & (day <= first_day).fillna(False)
         undecided = placed[partial_reference] & (day > first_day).fillna(False) & (day <= last_day).fillna(False)

@@ -12,7 +12,7 @@ import pandas as pd
 
 from pipeline import metadata
 from pipeline.derivations.distinct_values import on_distinct_rows, on_distinct_values
-from pipeline.derivations.iso_dates import date_part, is_complete_date, partial_date_bounds
+from pipeline.derivations.iso_dates import date_part, is_complete_date, narrowed_bound, partial_date_bounds
 
 
 def schedule() -> pd.DataFrame:
@@ -111,20 +111,12 @@ def epoch(dtc: pd.Series, first_dose: pd.Series, last_dose: pd.Series, dosing_co
             _bounds(s[partial]) for s in (dtc, first_dose, last_dose))
         complete = dosing_complete[partial]
         if first_dose_by is not None:
-            first_hi = _narrowed(first_hi, first_dose[partial], first_dose_by[partial], later=False)
-            last_lo = _narrowed(last_lo, last_dose[partial], last_dose_from[partial], later=True)
+            first_hi = narrowed_bound(first_hi, first_dose[partial], first_dose_by[partial], later=False)
+            last_lo = narrowed_bound(last_lo, last_dose[partial], last_dose_from[partial], later=True)
         earliest = _epoch_of_dates(dtc_lo, first_hi, last_hi, complete, pre_dose_on_first_dose_day)
         latest = _epoch_of_dates(dtc_hi, first_lo, last_lo, complete, pre_dose_on_first_dose_day)
         out[partial] = earliest.where(earliest == latest)
     return out
-
-
-def _narrowed(bound: pd.Series, dose: pd.Series, known: pd.Series, later: bool) -> pd.Series:
-    """A partial dose's bound moved to a known dose date where that is tighter (ISO text
-    compares in time order); a complete dose keeps its own date."""
-    tighter = (known > bound) if later else (known < bound)
-    use = (dose.notna() & ~is_complete_date(dose) & tighter.fillna(False)).astype(bool)
-    return bound.where(~use, known)
 
 
 def _bounds(iso: pd.Series) -> tuple[pd.Series, pd.Series]:

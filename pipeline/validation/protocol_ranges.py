@@ -17,7 +17,7 @@ import pandera.pandas as pa
 
 from pipeline import findings, metadata
 from pipeline.derivations.distinct_values import in_set, lookup
-from pipeline.derivations.iso_dates import compare_partial, partial_date_bounds, site_date_to_iso
+from pipeline.derivations.iso_dates import certainly_ordered, partial_date_bounds, site_date_to_iso
 from pipeline.derivations.lab_unit_conversions import (censored_beyond, censored_parts, format_number,
                                                         significant)
 from pipeline.derivations.sequence import sort_by_keys
@@ -263,14 +263,8 @@ def _before_consent(dm: pd.DataFrame, by_source: dict[str, pd.DataFrame], record
     parts = []
     for source, (column, record) in records.items():
         frame = by_source[source]
-        dtc, consented = frame[column], lookup(frame["USUBJID"], consent)
-        # Text before the consent's is necessary for being before it at the common precision
-        # (`2026-02` < `2026-02-27`); the exact comparison then runs on those few rows only.
-        candidates = np.flatnonzero((dtc < consented).fillna(False).to_numpy(dtype=bool))
-        if candidates.size:
-            before = compare_partial(dtc.iloc[candidates], consented.iloc[candidates]).eq(-1).fillna(False)
-            candidates = candidates[before.to_numpy(dtype=bool)]
-        hits = frame[["USUBJID", column, "src_file", "src_row"]].iloc[candidates].set_axis(
+        before = certainly_ordered(frame[column], lookup(frame["USUBJID"], consent), -1)
+        hits = frame[["USUBJID", column, "src_file", "src_row"]].iloc[before].set_axis(
             ["USUBJID", "DTC", "FILE", "ROW"], axis=1)
         parts.append(hits.assign(RECORD=record))
     hits = sort_by_keys(pd.concat(parts, ignore_index=True).astype({"FILE": "str"}), ["USUBJID", "DTC", "FILE", "ROW"])

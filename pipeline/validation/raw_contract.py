@@ -20,8 +20,9 @@ from pipeline import findings, metadata
 from pipeline.derivations import codelists, lab_unit_conversions as labs
 from pipeline.derivations.distinct_values import as_text, combined_rank, distinct_rows, in_set, lookup, null_coded
 from pipeline.derivations.dose_labels import dose_particles
-from pipeline.derivations.iso_dates import (compare_partial, date_part, is_complete_date, is_site_time,
-                                            partial_date_bounds, site_date_to_iso)
+from pipeline.derivations.iso_dates import (certainly_ordered, compare_partial, date_part, is_complete_date,
+                                            is_site_time, partial_date_bounds, site_date_to_iso)
+from pipeline.transfers import folder_times
 from pipeline.derivations.visits import is_known_visit, schedule, scheduled_visit_number
 from pipeline.validation.pandera_failures import placed_failures
 
@@ -87,7 +88,7 @@ class Parsed:
         def compute():
             transfers = self.frame["src_transfer"]
             names = pd.Series(pd.unique(transfers.dropna()), dtype="str")
-            day = pd.to_datetime(names.str.slice(0, 8), format="%Y%m%d", errors="coerce") + pd.Timedelta(days=1)
+            day = folder_times(names).dt.normalize() + pd.Timedelta(days=1)
             return lookup(transfers, pd.Series(day.dt.strftime("%Y-%m-%d").astype("str").to_numpy(), index=names))
         return self._memo(("export_limit",), compute)
 
@@ -204,17 +205,13 @@ def _after_export(date_column: str) -> RawRule:
     mapped as written and reported. The transfer folder names the export time in UTC; a day
     more allows for the sites' time zone. Only dates certainly after count (`2026-11` is not)."""
     def passes(p: Parsed) -> pd.Series:
-        date, limit = p.iso(date_column), p.export_limit()
-        candidates = np.flatnonzero((date > limit).fillna(False).to_numpy(dtype=bool))
-        ok = np.ones(len(date), dtype=bool)
-        if candidates.size:   # text after the limit's is necessary; the exact comparison is on those rows
-            after = compare_partial(date.iloc[candidates], limit.iloc[candidates]).eq(1).fillna(False)
-            ok[candidates[after.to_numpy(dtype=bool)]] = False
+        ok = np.ones(len(p.frame), dtype=bool)
+        ok[certainly_ordered(p.iso(date_column), p.export_limit(), 1)] = False
         return pd.Series(ok, index=p.frame.index)
 
     return RawRule("RAW-DATE-AFTER-EXPORT", date_column, passes, lambda rows: {
-        "value": rows[date_column], "detail": rows["src_transfer"].astype("str").str.slice(0, 8)
-        .pipe(pd.to_datetime, format="%Y%m%d", errors="coerce").dt.strftime("%Y-%m-%d").astype("str")})
+        "value": rows[date_column],
+        "detail": folder_times(rows["src_transfer"].astype("str")).dt.strftime("%Y-%m-%d").astype("str")})
 
 
 def _unscheduled_on_partial_date(visit_column: str, date_column: str) -> RawRule:
