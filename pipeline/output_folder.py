@@ -51,6 +51,27 @@ def _holder(lock) -> str:
     return lock.read().strip() or "another process"
 
 
+def recorded_zone(root: Path) -> str | None:
+    """The zone the folder `root` belongs to, from its marker or its published run.json."""
+    marker, summary = root / STATE / "zone", root / "run.json"
+    try:
+        if marker.is_file():
+            return marker.read_text(encoding="utf-8").strip()
+        if summary.is_file():
+            recorded = json.loads(summary.read_text(encoding="utf-8"))
+            return recorded.get("zone") if isinstance(recorded, dict) else None
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def zones_around(path: Path):
+    """Each folder that holds `path` (its parents as written and as resolved, nearest first), with
+    the zone it records: the outer output folders a folder or an instance must not lie in."""
+    for outer in dict.fromkeys([*path.absolute().parents, *path.resolve().parents]):
+        yield outer, recorded_zone(outer)
+
+
 class OutputFolderError(Exception):
     """The output folder cannot be used for this run (wrong zone, not ours, not writable)."""
 
@@ -70,17 +91,7 @@ class OutputFolder:
 
     # --- zone ----------------------------------------------------------------------------
     def recorded_zone(self) -> str | None:
-        """The zone this folder belongs to, from its marker or its published run.json."""
-        marker, summary = self.state / "zone", self.root / "run.json"
-        try:
-            if marker.is_file():
-                return marker.read_text(encoding="utf-8").strip()
-            if summary.is_file():
-                recorded = json.loads(summary.read_text(encoding="utf-8"))
-                return recorded.get("zone") if isinstance(recorded, dict) else None
-        except (OSError, ValueError):
-            return None
-        return None
+        return recorded_zone(self.root)
 
     def published_inputs(self) -> dict[str, dict]:
         """The sites and transfers of the set published last (run.json `inputs`), or none."""
@@ -110,8 +121,7 @@ class OutputFolder:
         if root in exports.parents:
             raise OutputFolderError(f"the exports folder {exports} is inside the output folder {self.root}; whoever "
                                     "is given the outputs would get the exports (with unblinded/) too")
-        for outer in [*self.root.absolute().parents, *root.parents]:
-            zone = OutputFolder(outer, self.zone).recorded_zone()
+        for outer, zone in zones_around(self.root):
             if zone in ZONES:   # another tool's run.json higher up is not an output folder
                 raise OutputFolderError(
                     f"output folder {self.root} is inside the {zone} output folder {outer}; an output folder "
@@ -147,7 +157,7 @@ class OutputFolder:
             for name in subfolders:
                 if (Path(folder) / name).is_symlink():   # our published entries, or a link out
                     continue
-                zone = OutputFolder(Path(folder) / name, self.zone).recorded_zone()
+                zone = recorded_zone(Path(folder) / name)
                 if zone in ZONES and zone != self.zone:
                     return Path(folder) / name, zone
         return None

@@ -17,7 +17,7 @@ import pyarrow as pa
 from pydantic import ConfigDict, PrivateAttr
 
 from pipeline import metadata
-from pipeline.output_folder import STALE_SUFFIX, OutputFolder, asset_store
+from pipeline.output_folder import STALE_SUFFIX, OutputFolder, asset_store, zones_around
 from pipeline.transfers import ExportsRootError
 
 INSTANCE_ZONE_MARKER = "mesae-zone"
@@ -34,9 +34,7 @@ def check_instance_zone(instance, zone: str) -> None:
     The zone is recorded in the instance's own storage (so two DAGSTER_HOMEs sharing one
     PostgreSQL database are caught) and, for people looking at the folder, in $DAGSTER_HOME."""
     if instance.root_directory:
-        home = Path(instance.root_directory).resolve()
-        for outer in [home, *home.parents]:
-            holder = OutputFolder(outer, zone).recorded_zone()
+        for outer, holder in zones_around(Path(instance.root_directory) / INSTANCE_ZONE_MARKER):
             if holder is not None and holder != zone:
                 raise ZoneError(f"the Dagster instance at {instance.root_directory} is inside the {holder} output folder "
                                 f"{outer}; whoever is given that folder would get this {zone} zone's run history")
