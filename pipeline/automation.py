@@ -22,7 +22,11 @@ import dagster as dg
 from pipeline import transfers
 from pipeline.output_folder import OutputFolderBusy
 
-DEFAULT_CRON = "0 2 * * *"
+# 07:00 in Shanghai is 23:00 UTC: an hour after the sites' nightly export at 22:00 UTC (the spec's
+# manifest example and folder names are UTC), so the scheduled run reads that night's transfers,
+# and its outputs are there when the data managers start the day. The spec fixes no export time:
+# set MESAE_SCHEDULE_CRON to an hour after the sites' own, or let new_transfer_sensor run.
+DEFAULT_CRON = "0 7 * * *"
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 
 
@@ -92,11 +96,11 @@ def build_schedule(job: dg.JobDefinition) -> dg.ScheduleDefinition:
     try:
         return dg.ScheduleDefinition(
             name="nightly", job=job, cron_schedule=cron, execution_timezone=timezone,
-            description="Nightly run on the sites' current transfers (default 02:00 Asia/Shanghai).")
+            description="Nightly run on the sites' current transfers (default 07:00 Asia/Shanghai, 23:00 UTC).")
     except dg.DagsterInvalidDefinitionError:   # `mesae run` says which variable, in one line
         raise ScheduleSettingError(
             f"MESAE_SCHEDULE_CRON={cron!r} with MESAE_SCHEDULE_TIMEZONE={timezone!r} is not a schedule; expected "
-            "a five-field cron string (e.g. '0 2 * * *') and an IANA time zone (e.g. 'Asia/Shanghai')") from None
+            "a five-field cron string (e.g. '0 7 * * *') and an IANA time zone (e.g. 'Asia/Shanghai')") from None
 
 
 ZONE_MISMATCH = re.compile(r"ZoneError|holds (un)?blinded outputs|serves the (un)?blinded zone")
@@ -163,7 +167,10 @@ def failure_message(events) -> str:
     return ""
 
 
-@dg.run_failure_sensor(name="failure_guidance", description="Logs what a data manager should do after a failed run.")
+# Running by default, unlike the schedule and the new-transfer sensor: it starts no run, it only
+# logs advice, and advice switched off is advice nobody reads.
+@dg.run_failure_sensor(name="failure_guidance", description="Logs what a data manager should do after a failed run.",
+                       default_status=dg.DefaultSensorStatus.RUNNING)
 def failure_guidance_sensor(context: dg.RunFailureSensorContext):
     run_id = context.dagster_run.run_id
     records = context.instance.all_logs(run_id, of_type={*FAILURE_EVENTS, dg.DagsterEventType.ASSET_CHECK_EVALUATION})

@@ -351,6 +351,13 @@ def trace(args) -> int:
     if hits.empty:
         raise UsageError(f"{args.domain.upper()} has no record USUBJID={args.usubjid} SEQ={seq}"
                          + _why_not_found(args.output, args.usubjid, lineage))
+    # The lineage file's rows are the dataset's rows, in the same order.
+    records = pq.read_table(args.output / "sdtm" / f"{dataset}.parquet").to_pandas().iloc[hits.index]
+    for position, record in records.iterrows():
+        print(f"{args.domain.upper()} record, row {position + 1} of {args.output / 'sdtm' / f'{dataset}.parquet'}:")
+        for variable, value in record.items():
+            print(f"  {variable:10} {'' if pd.isna(value) else value}")
+    changed = []
     for hit in hits.drop_duplicates(["SITEID", "TRANSFER", "FILE", "ROW"]).itertuples(index=False):
         source = transfers.Transfer(site=hit.SITEID, name=hit.TRANSFER,
                                     path=args.exports / f"site-{hit.SITEID}" / hit.TRANSFER)
@@ -365,10 +372,16 @@ def trace(args) -> int:
                              f"changed since the run (the run read sha256 {hit.SHA256})")
         row = rows.iloc[0]
         sha_note = "sha256 matches" if raw.sha256 == hit.SHA256 else f"CHANGED since the run (run saw {hit.SHA256})"
+        if raw.sha256 != hit.SHA256:
+            changed.append(str(source.path / hit.FILE))
         print(f"{args.domain.upper()} {args.usubjid} SEQ {seq} <- {source.path / hit.FILE} data row {hit.ROW} ({sha_note})")
         for column in metadata.raw_schema(name)["columns"]:
             value = row[column]
             print(f"  {column:10} {'' if pd.isna(value) else value}")
+    if changed:   # an audit trail that prints today's values as the source must not look like success
+        print(f"mesae: {', '.join(changed)} changed since the run: the raw values above are today's, not those "
+              f"the record was built from", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from pipeline.assets.raw import build_randomization_asset, raw_ingest, site_transfers
+from pipeline.assets.raw import build_randomization_asset, build_raw_ingest, site_transfers
 from pipeline.assets.reports import build_report_assets
 from pipeline.assets.sdtm import build_sdtm_assets
 from pipeline.assets.validated import build_validation_asset
+from pipeline import metadata
 from pipeline.automation import build_schedule, build_sensor, failure_guidance_sensor
 from pipeline.garbage_collection import tune_for_pipeline_process
 from pipeline.output_folder import zone_from_environment
@@ -25,7 +26,7 @@ from pipeline.resources import AssetStore, StudySettings
 
 JOB_NAME = "mesae_nightly"
 # A run the schedule, the sensor or the UI starts has nobody to start it again if it gives up: it
-# waits for the run before it (the 02:00 run and a new transfer's run, say) rather than failing
+# waits for the run before it (the 07:00 run and a new transfer's run, say) rather than failing
 # after the 30 s `mesae run` waits for at a terminal. The launchpad can set another wait.
 CODE_LOCATION_LOCK_TIMEOUT = 4 * 3600.0
 DEFAULT_EXPORTS = "demo/exports"
@@ -34,18 +35,21 @@ DEFAULT_OUTPUT = "demo/output"
 
 def build_definitions(exports: str | Path, output: str | Path, zone: str = "blinded",
                       lock_timeout_seconds: float = 30.0, sites_withdrawn: list[str] | None = None) -> dg.Definitions:
-    assets = [site_transfers, raw_ingest, build_validation_asset(zone),
+    assets = [site_transfers, build_raw_ingest(), build_validation_asset(zone),
               build_sdtm_assets(zone),
               build_report_assets(zone)]
     if zone == "unblinded":
         assets.append(build_randomization_asset())
     # The job observes the exports first (a step of its own): each raw materialization then records
     # the exports' data version it read, and the UI flags raw/* stale only when a site sends data.
+    exports, output = str(Path(exports).absolute()), str(Path(output).absolute())
+    # Every run of the job, from the CLI, the schedule, the sensor or the UI, names its zone, the
+    # code version run.json records and the exports it reads.
     job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.all(include_sources=True),
                               executor_def=dg.in_process_executor,
                               description=f"Every asset of the {zone} zone: ingest, validate, map, publish.",
-                              tags={"mesae/zone": zone})
-    exports, output = str(Path(exports).absolute()), str(Path(output).absolute())
+                              tags={"mesae/zone": zone, "mesae/code_version": metadata.code_version(),
+                                    "mesae/exports": exports})
     return dg.Definitions(
         assets=assets, jobs=[job],
         schedules=[build_schedule(job)], sensors=[build_sensor(job, exports), failure_guidance_sensor],

@@ -27,7 +27,7 @@ from pipeline.derivations import lab_unit_conversions as labs
 from pipeline.derivations.baseline import apart_values, last_observation_before_exposure
 from pipeline.derivations.distinct_values import as_text, factorized, in_set, lookup
 from pipeline.derivations.dose_labels import dose_particles
-from pipeline.derivations.iso_dates import is_complete_date, iso_datetime, site_date_to_iso
+from pipeline.derivations.iso_dates import is_complete_date, iso_datetime, may_be_extreme, site_date_to_iso
 from pipeline.derivations.sequence import sequence_number, sort_by_keys
 from pipeline.derivations.study_day import study_day
 from pipeline.derivations.visits import epoch, scheduled_visit_number, visit_name, visit_number
@@ -213,9 +213,10 @@ def _rows_from(work: Work, file: str, spec: dict) -> tuple[pd.DataFrame, pd.Seri
 
 def _subject_aggregate(work: Work, spec: dict, how: str) -> pd.Series:
     """The subject's first or last value: in text order (ISO dates), or, with `order_by_visit`,
-    that of its earliest or latest scheduled visit. Text order cannot place a partial date:
-    `2026-02` sorts before `2026-02-17T09:10` whatever day it was, so a partial Day 3 dose
-    became the first dose and left the subject without study days."""
+    among the dates that may be the earliest (latest), that of the earliest (latest) scheduled
+    visit. Text order cannot place a partial date: `2026-02` sorts before `2026-02-17T09:10`
+    whatever day it was, so a partial Day 3 dose became the first dose and left the subject
+    without study days; visit order alone made a Day 1 dose dated after the Day 2 one the first."""
     files = spec["from"] if isinstance(spec["from"], list) else [spec["from"]]
     values = spec["value"] if isinstance(spec["value"], list) else [spec["value"]] * len(files)
     parts = [_rows_from(work, f, {**spec, "value": v})[0] for f, v in zip(files, values)]
@@ -223,6 +224,7 @@ def _subject_aggregate(work: Work, spec: dict, how: str) -> pd.Series:
     if spec.get("complete_only"):
         stacked = stacked[is_complete_date(stacked["value"]).to_numpy()]
     if "order_by_visit" in spec:
+        stacked = stacked[may_be_extreme(stacked["value"], stacked["SUBJID"], latest=how == "max").to_numpy()]
         ordered = stacked.sort_values(["SUBJID", "order", "value"], kind="stable").groupby("SUBJID")["value"]
         per_subject = ordered.first() if how == "min" else ordered.last()
     else:

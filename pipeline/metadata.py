@@ -115,6 +115,21 @@ def _code_version(root_text: str) -> str:
     return f"{__version__}+{package_code_digest()[:8]}{files_digest(data, root)[:8]}"
 
 
+# The metadata each layer reads, beside the package code: a layer's code version changes exactly
+# when something that can change its output changed (an edited raw-contract rule shows on
+# validated/*, not only in run.json). The SDTM layer's is per mapping (assets/sdtm.py).
+RAW_LAYER_METADATA = ("schemas/raw/*.yaml", "schemas/rules.yaml")
+VALIDATION_LAYER_METADATA = (*RAW_LAYER_METADATA, "schemas/study.yaml", "schemas/terminology/*.yaml")
+REPORTS_LAYER_METADATA = ("schemas/**/*.yaml", "mappings/*.yaml")
+
+
+def layer_code_version(patterns: tuple[str, ...]) -> str:
+    """`<metadata digest>+<package code digest>`, the form of the SDTM assets' code versions."""
+    root = metadata_root()
+    paths = sorted({path for pattern in patterns for path in root.glob(pattern)})
+    return f"{files_digest(paths, root)[:16]}+{package_code_digest()[:8]}"
+
+
 @lru_cache(maxsize=None)
 def package_code_digest(root: Path = PROJECT_ROOT) -> str:
     """sha256 of the package's Python code: part of the code version of every asset it derives."""

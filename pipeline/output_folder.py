@@ -269,11 +269,15 @@ class OutputFolder:
         path.mkdir(parents=True)
         return path
 
+    def release_of(self, run_id: str) -> Path:
+        """Where a run's published set stays, unchanged, while it is the current one or the one before."""
+        return self.state / "releases" / run_id
+
     def publish(self, staging: Path) -> Path:
         """Moves a complete staging folder into place with one atomic symlink swap."""
-        releases = self.state / "releases"
+        release = self.release_of(staging.name)
+        releases = release.parent
         releases.mkdir(parents=True, exist_ok=True)
-        release = releases / staging.name
         if release.exists():
             shutil.rmtree(release)
         _fsync_tree(staging)

@@ -169,8 +169,9 @@ def accounting(sdtm: dict[str, pd.DataFrame], quarantine: pd.DataFrame, inventor
     return rows, reasons
 
 
-def traceability_html(matrix: pd.DataFrame, records: dict[str, int], summary: dict, run_url: str) -> str:
-    """A page an auditor opens without code: each variable, its sources and algorithm."""
+def traceability_html(matrix: pd.DataFrame, records: dict[str, int], summary: dict, run_id: str) -> str:
+    """A page an auditor opens without code: each variable, its sources and algorithm. The run is
+    named, not linked: the page is opened from disk, where a link to the UI's /runs/ has no host."""
     def table(frame: pd.DataFrame) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
         body = "".join("<tr>" + "".join(f"<td>{html.escape('' if pd.isna(v) else str(v))}</td>" for v in row) + "</tr>"
@@ -186,7 +187,8 @@ def traceability_html(matrix: pd.DataFrame, records: dict[str, int], summary: di
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}th{background:#eee}</style>"
             "</head><body><h1>MESAE SDTM traceability</h1>"
             f"<p>Zone: <b>{html.escape(summary['zone'])}</b>. Code version {html.escape(summary['code_version'])}. "
-            f"Dagster run: <a href='{html.escape(run_url)}'>{html.escape(run_url)}</a>. "
+            f"Dagster run <code>{html.escape(run_id)}</code> (Runs in the Dagster UI, or its address + "
+            f"<code>/runs/{html.escape(run_id)}</code>). "
             "Row-level lineage: <code>lineage/&lt;dataset&gt;.parquet</code> or "
             "<code>mesae trace USUBJID DOMAIN SEQ</code>.</p>"
             "<h2>Records per dataset</h2>" + table(counts) + "<h2>Raw rows accounted for</h2>" + table(rows)
@@ -246,7 +248,7 @@ def publish_outputs(folder: OutputFolder, run_id: str, sdtm: dict[str, pd.DataFr
         "findings_by_site": quarantine.fillna({"SITEID": "(none)"}).groupby(["SITEID", "SEVERITY"]).size()
         .rename("n").reset_index().to_dict(orient="records"),
     }
-    page = traceability_html(traceability, records, summary, f"/runs/{run_id}")
+    page = traceability_html(traceability, records, summary, run_id)
     (staging / "reports").mkdir(parents=True, exist_ok=True)
     (staging / "reports" / "traceability.html").write_text(page, encoding="utf-8")
     (staging / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -20,6 +20,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from pipeline import metadata
 from pipeline.definitions import JOB_NAME, build_definitions
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -50,9 +51,14 @@ def test_definitions_load_for_each_zone(tmp_path, zone):
     defs = _definitions(tmp_path, zone)
     job = defs.resolve_job_def(JOB_NAME)
     assert job.tags.get("mesae/zone") == zone
+    assert job.tags.get("mesae/code_version") == metadata.code_version()
+    assert job.tags.get("mesae/exports") == str((tmp_path / "exports").absolute())
     assert defs.resolve_schedule_def("nightly").job_name == JOB_NAME
     assert defs.resolve_sensor_def("new_transfer_sensor").job_name == JOB_NAME
-    assert defs.resolve_sensor_def("failure_guidance") is not None
+    # Nothing starts runs until a data manager switches it on; the advice on failures is on.
+    assert defs.resolve_schedule_def("nightly").default_status == dg.DefaultScheduleStatus.STOPPED
+    assert defs.resolve_sensor_def("new_transfer_sensor").default_status == dg.DefaultSensorStatus.STOPPED
+    assert defs.resolve_sensor_def("failure_guidance").default_status == dg.DefaultSensorStatus.RUNNING
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert CONTRACT_RAW <= keys, f"contract raw/<file> keys missing: {sorted(CONTRACT_RAW - keys)}"
     assert CONTRACT_SDTM <= keys, f"contract sdtm/<domain> keys missing: {sorted(CONTRACT_SDTM - keys)}"

@@ -74,6 +74,21 @@ def _latest_materialization_runs(home: Path) -> dict[str, str]:
                 for d in ("dm", "lb", "qs")}
 
 
+def _latest_check_results(home: Path) -> dict[str, tuple[str, bool, bool]]:
+    """Per dataset, the newest sdtm_conformance evaluation: (run, passed, description)."""
+    import dagster as dg
+
+    results = {}
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for dataset in ("dm", "lb", "qs"):
+            key = dg.AssetCheckKey(dg.AssetKey(["sdtm", dataset]), "sdtm_conformance")
+            record = next(r for r in instance.event_log_storage.get_asset_check_execution_history(key, limit=10)
+                          if r.event.dagster_event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+            evaluation = record.event.dagster_event.event_specific_data
+            results[dataset] = (record.run_id, evaluation.passed, evaluation.description)
+    return results
+
+
 def _reports_only(exports: Path, output: Path, home: Path):
     """What "Materialize" on the reports group in the UI runs: reports/* alone."""
     import dagster as dg
@@ -114,6 +129,12 @@ def test_broken_mapping_fails_the_run_and_keeps_previous_outputs(tmp_path, capsy
         # the published ones, and a later run of reports/* alone has nothing rejected to publish.
         assert {p: p.stat().st_mtime_ns for p in stored} == stored
         assert _latest_materialization_runs(home) == materialized
+        # The check's history records the failed evaluation, saying it was blocked; the datasets that
+        # passed keep the evaluation of what is published.
+        checks = _latest_check_results(home)
+        assert checks["lb"][0] not in materialized.values() and not checks["lb"][1]
+        assert checks["lb"][2].startswith("blocked, not stored or materialized")
+        assert {d: checks[d][:2] for d in ("dm", "qs")} == {d: (materialized[d], True) for d in ("dm", "qs")}
         reports_only = _reports_only(tmp_path / "exports", output, home)
     finally:
         del os.environ["MESAE_METADATA_ROOT"]

@@ -10,8 +10,8 @@ from pipeline.derivations import lab_unit_conversions as labs
 from pipeline.derivations.baseline import apart_values, last_observation_before_exposure
 from pipeline.derivations.distinct_values import combined_rank, distinct_rows, in_set
 from pipeline.derivations.dose_labels import dose_particles
-from pipeline.derivations.iso_dates import (compare_partial, iso_datetime, is_site_time, partial_date_bounds,
-                                            site_date_to_iso)
+from pipeline.derivations.iso_dates import (compare_partial, iso_datetime, is_site_time, may_be_extreme,
+                                            partial_date_bounds, site_date_to_iso)
 from pipeline.derivations.sequence import sequence_number, sort_by_keys
 from pipeline.derivations.study_day import study_day
 from pipeline.derivations.visits import epoch, unscheduled_visit_numbers, visit_name, visit_number
@@ -336,6 +336,30 @@ def test_unscheduled_visit_numbers_follow_previous_visit_by_date():
 def test_partial_date_bounds(iso, earliest, latest):
     first, last = partial_date_bounds(pd.Series([iso], dtype="str"))
     assert (values(first), values(last)) == ([earliest], [latest])
+
+
+@pytest.mark.parametrize("dates, earliest, latest", [
+    # complete dates: exactly the earliest and the latest (ties both)
+    (["2026-08-11T09:00", "2026-08-10T09:00", "2026-08-12"], [False, True, False], [False, False, True]),
+    (["2026-08-10T09:00", "2026-08-10T09:00"], [True, True], [True, True]),
+    # a date alone is any time of its day: not certainly before or after a dose that day
+    (["2026-08-10", "2026-08-10T09:00", "2026-08-11T08:00"], [True, True, False], [False, False, True]),
+    # a partial date overlapping the first dose's day may be the earliest, one certainly later may not
+    (["2026-02-17T09:10", "2026-02", "2026-03-03"], [True, True, False], [False, False, True]),
+    (["2026-02-17T09:10", "2026-03", "2026"], [True, False, True], [False, True, True]),
+    # the year alone overlaps everything; an unreadable bound is kept (cannot be ruled out)
+    (["2025", "2026-01-05"], [True, False], [False, True]),
+    (["2026-13", "2026-01-05"], [True, True], [True, True]),
+])
+def test_may_be_extreme(dates, earliest, latest):
+    """A date may be the earliest (latest) unless another is certainly before (after) it."""
+    iso, groups = pd.Series(dates, dtype="str"), pd.Series(["01-001"] * len(dates))
+    assert may_be_extreme(iso, groups, latest=False).tolist() == earliest
+    assert may_be_extreme(iso, groups, latest=True).tolist() == latest
+    # per group: another subject's dates do not rule a date out
+    other = pd.Series(["1999-01-01", "2099-01-01"], dtype="str")
+    both = pd.concat([iso, other], ignore_index=True)
+    assert may_be_extreme(both, pd.Series(["01-001"] * len(dates) + ["01-002"] * 2), latest=False).tolist()[:len(dates)] == earliest
 
 
 @pytest.mark.parametrize("dtc, first, last, complete, expected", [

@@ -64,11 +64,18 @@ def test_a_typo_in_a_mapping_is_refused(change, message):
     ([("DAY 1", "2026-06-10", "09:00"), ("DAY 21", "2026-07-01", "11:30"), ("DAY 28", "UN JUL 2026", "")],
      "2026-06-10T09:00", "2026-07"),                       # the last dose is partial: so is RFXENDTC
     ([("DAY 7", "2026-02-23", ""), ("DAY 1", "2026-02-17", "")], "2026-02-17", "2026-02-23"),
+    # a Day 1 and Day 2 dose with swapped dates: the earliest and latest EXSTDTC, not the visit order
+    ([("DAY 1", "2026-08-11", "09:00"), ("DAY 2", "2026-08-10", "09:00")], "2026-08-10T09:00", "2026-08-11T09:00"),
+    ([("DAY 1", "2026-08-11", "09:00"), ("DAY 2", "2026-08-10", "09:00"), ("DAY 3", "UN AUG 2026", "")],
+     "2026-08-10T09:00", "2026-08"),                       # the partial one may be first or last: the visit decides
+    ([("DAY 1", "2026-08-10", ""), ("DAY 2", "2026-08-10", "08:00")], "2026-08-10", "2026-08-10T08:00"),
 ])
 def test_reference_doses_are_those_of_the_first_and_last_dosing_visit(doses, first, last):
     """Text order cannot place a partial date (`2026-02` sorts before `2026-02-17T09:10`), so a
     partial Day 3 dose used to become RFXSTDTC and leave the subject without study days and
-    every record SCREENING. The dosing visits order the doses (Day 1 is the first by the protocol)."""
+    every record SCREENING. The dosing visits order the doses (Day 1 is the first by the protocol)
+    among those that may be the earliest (latest): a dose certainly before the Day 1 dose is the
+    first (the reference: RFXSTDTC is the earliest EXSTDTC), else the baseline would be post-dose."""
     import pandas as pd
 
     from pipeline import metadata

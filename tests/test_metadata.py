@@ -98,13 +98,18 @@ def sha256_of(path: Path) -> str:
 # --- asset metadata -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("dataset", DATASETS)
-def test_row_count_and_uri_are_the_published_files(run, materializations, dataset):
+def test_row_count_and_uri_are_the_published_files(run, instance, materializations, dataset):
     metadata = materializations[dataset].metadata
     path = run.output / "sdtm" / f"{dataset}.parquet"
     assert metadata["dagster/row_count"].value == pq.ParquetFile(path).metadata.num_rows
     # The stable published path (output/sdtm is swapped atomically to each new release), not
     # the release folder it points at today, which the next run replaces.
     assert metadata["dagster/uri"].value == (run.output.resolve() / "sdtm" / f"{dataset}.parquet").as_uri()
+    # ... and the file this run published, which the next run leaves as it is.
+    run_id = instance.get_latest_materialization_event(dg.AssetKey(["sdtm", dataset])).run_id
+    release = (run.output / ".mesae" / "releases" / run_id / "sdtm" / f"{dataset}.parquet").resolve()
+    assert metadata["release_uri"].value == release.as_uri()
+    assert release.read_bytes() == path.read_bytes()
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -362,6 +367,8 @@ def test_trace_prints_the_raw_row_of_an_lb_record(run, capsys):
         assert f"LB {record.USUBJID} SEQ {int(record.LBSEQ)} <- {path} data row {record.ROW} (sha256 matches)" in out
         expected = "\n".join(f"  {column:10} {raw.get(column, '')}" for column in order)
         assert expected in out, f"trace printed\n{out}\nexpected the raw row\n{expected}"
+        # ... beside the SDTM record itself
+        assert f"  LBSEQ      {int(record.LBSEQ)}\n" in out and f"  LBORRES    {record.LBORRES or ''}\n" in out
 
 
 def test_trace_of_an_unknown_record_is_a_one_line_error(run, capsys):
@@ -413,6 +420,33 @@ def test_trace_of_a_row_gone_from_a_changed_file_is_a_one_line_error(run, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"{path} has no readable data row {int(last.ROW)} any more" in err and last.SHA256 in err
+
+
+def test_trace_of_a_changed_row_prints_todays_values_and_fails(run, tmp_path, capsys):
+    """A value edited in the raw file after the run: trace shows it, says the file changed, and
+    exits 1, so that a script collecting evidence cannot take today's value for the source."""
+    from pipeline.cli import main
+
+    lineage = pq.read_table(run.output / "lineage" / "lb.parquet").to_pandas()
+    hit = lineage.iloc[0]
+    exports = tmp_path / "exports"
+    shutil.copytree(run.exports, exports)
+    path = exports / f"site-{hit.SITEID}" / hit.TRANSFER / hit.FILE
+    manifest = json.loads((path.parent / "manifest.json").read_text(encoding="utf-8-sig"))
+    codec = "gb18030" if manifest["encoding"].lower() == "gb18030" else "utf-8-sig"
+    text = path.read_bytes().decode(codec)
+    records = list(csv.reader(io.StringIO(text, newline="")))
+    column = [h.strip().upper() for h in records[0]].index("LBREASND")
+    records[hit.ROW][column] = "EDITED AFTER THE RUN"
+    out = io.StringIO(newline="")
+    csv.writer(out, lineterminator="\r\n").writerows(records)
+    path.write_bytes(out.getvalue().encode(codec))
+    capsys.readouterr()
+    code = main(["trace", hit.USUBJID, "LB", str(int(hit.SEQ)), "--output", str(run.output), "--exports", str(exports)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "CHANGED since the run" in captured.out and "EDITED AFTER THE RUN" in captured.out
+    assert captured.err.count("\n") == 1 and f"{path} changed since the run" in captured.err
 
 
 def test_demo_into_a_file_is_a_one_line_error(tmp_path, capsys):

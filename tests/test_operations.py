@@ -4,7 +4,7 @@ evaluated with Dagster's own test utilities on transfers written to disk.
 Why: the sensor is what starts the pipeline when a site's copy has finished. If it fired on a
 transfer still being copied, the run would reject it (and report a rejection that is not real);
 if it never advanced its cursor, it would start the same run every minute; if it skipped a
-completed transfer, data would wait a day. The guidance is what a data manager reads at 02:00.
+completed transfer, data would wait a day. The guidance is what a data manager reads in the morning.
 """
 
 from __future__ import annotations
@@ -185,16 +185,16 @@ def _fire_times(schedule: dg.ScheduleDefinition, start: dt.datetime, n: int) -> 
     return [next(ticks) for _ in range(n)]
 
 
-def test_nightly_schedule_default_is_0200_shanghai(tmp_path, monkeypatch):
+def test_nightly_schedule_default_is_0700_shanghai_after_the_exports(tmp_path, monkeypatch):
     monkeypatch.delenv("MESAE_SCHEDULE_CRON", raising=False)
     monkeypatch.delenv("MESAE_SCHEDULE_TIMEZONE", raising=False)
     schedule = build_definitions(tmp_path / "e", tmp_path / "o").resolve_schedule_def("nightly")
     assert (schedule.cron_schedule, schedule.execution_timezone) == (DEFAULT_CRON, DEFAULT_TIMEZONE)
-    assert (DEFAULT_CRON, DEFAULT_TIMEZONE) == ("0 2 * * *", "Asia/Shanghai")
+    assert (DEFAULT_CRON, DEFAULT_TIMEZONE) == ("0 7 * * *", "Asia/Shanghai")
     assert schedule.job_name == JOB_NAME
     first, second = _fire_times(schedule, dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.timezone.utc), 2)
-    # 02:00 in Shanghai is 18:00 UTC the day before.
-    assert first.astimezone(dt.timezone.utc) == dt.datetime(2026, 11, 25, 18, 0, tzinfo=dt.timezone.utc)
+    # 07:00 in Shanghai is 23:00 UTC the day before: after the spec's export time (22:00:05Z).
+    assert first.astimezone(dt.timezone.utc) == dt.datetime(2026, 11, 25, 23, 0, tzinfo=dt.timezone.utc)
     assert second - first == dt.timedelta(days=1)
 
     tick_time = first

@@ -3,10 +3,11 @@
 They are evaluated inside the step that produces the asset (`check_specs`), on the frame already
 in memory, so a check costs no extra step and no extra read:
 - `raw_contract` on each validated/<file> (WARN): records held back are in the quarantine;
-- `sdtm_conformance` on each SDTM dataset: BLOCKING. A failure is a pipeline bug: the step fails
-  before it stores or materializes any dataset (`refuse_nonconformant`), so publication does not
-  run, the previous outputs stay as they were, and no later run of `reports/*` alone can publish
-  the rejected data;
+- `sdtm_conformance` on each SDTM dataset: BLOCKING. A failure is a pipeline bug: the step records
+  the failed check results and then fails, before it stores or materializes any dataset
+  (`refuse_nonconformant`), so the check's history shows the failure, publication does not run,
+  the previous outputs stay as they were, and no later run of `reports/*` alone can publish the
+  rejected data;
 - `eligibility` on the eligibility-deviation listing (WARN).
 """
 
@@ -55,10 +56,19 @@ def conformance_result(key: dg.AssetKey, dataset: str, frame: pd.DataFrame,
                                          "failing_rows": markdown_table(failures, 20)})
 
 
-def refuse_nonconformant(results: list[dg.AssetCheckResult]) -> None:
-    """Fails the step with every failed conformance result, before anything is stored."""
+def refuse_nonconformant(results: list[dg.AssetCheckResult]):
+    """When a conformance result failed: yields the failed results, so that the check's history
+    records them, and then fails the step, before anything is stored. Dagster points an evaluation
+    at the asset's newest materialization, which is the published dataset, not the one that
+    failed: the description says so. The passing datasets of a blocked run are not recorded, so
+    their history keeps describing what is published."""
     failed = [r for r in results if not r.passed]
     if failed:
+        for result in failed:
+            yield dg.AssetCheckResult(
+                asset_key=result.asset_key, check_name=result.check_name, passed=False, metadata=result.metadata,
+                description=f"blocked, not stored or materialized (the published dataset is an earlier run's): "
+                            f"{result.description}")
         raise dg.Failure(
             description="; ".join(f"{CONFORMANCE} failed on {r.asset_key.to_user_string()}: {r.description}"
                                   for r in failed),

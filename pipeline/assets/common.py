@@ -50,3 +50,8 @@ def findings_counts(frame: pd.DataFrame) -> dict:
 
 def findings_table_schema() -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(c, "int64" if c == "ROW" else "string") for c in findings.COLUMNS])
+
+
+def frame_column_schema(frame: pd.DataFrame) -> dg.TableSchema:
+    """Column names and types of a report frame (listings whose columns are not SDTM variables)."""
+    return dg.TableSchema(columns=[dg.TableColumn(str(c), str(t)) for c, t in frame.dtypes.items()])

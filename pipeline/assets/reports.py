@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipeline import findings, metadata
 from pipeline.assets.checks import eligibility_result, eligibility_spec
-from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema, markdown_table
+from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema, frame_column_schema, markdown_table
 from pipeline.assets.raw import INGEST_FINDINGS_KEY, INVENTORY_KEY, RANDOMIZATION_KEY
 from pipeline.assets.sdtm import sdtm_key
 from pipeline.mapping_engine import column_lineage, qualifier_lineage
@@ -64,9 +64,11 @@ def build_report_assets(zone: str) -> dg.AssetsDefinition:
     sdtm_keys = [sdtm_key(d) for d in datasets]
     protocol_inputs = [sdtm_key(d) for d in ("dm", "lb", "qs", "ex")] + [VALIDATED_KEYS["enrol"]]
     randomization = [VALIDATED_RANDOMIZATION_KEY, RANDOMIZATION_KEY] if zone == "unblinded" else []
+    code_version = metadata.layer_code_version(metadata.REPORTS_LAYER_METADATA)
 
     def spec(key, deps, kinds, description):
-        return dg.AssetSpec(key, deps=deps, group_name="reports", owners=OWNERS, kinds=kinds, description=description)
+        return dg.AssetSpec(key, deps=deps, group_name="reports", owners=OWNERS, kinds=kinds, description=description,
+                            code_version=code_version)
 
     specs = [
         spec(PROTOCOL_FINDINGS_KEY, protocol_inputs, {"pandera", "pandas"},
@@ -99,7 +101,8 @@ def build_report_assets(zone: str) -> dg.AssetsDefinition:
             **findings_counts(protocol_findings)})
         store.save(ELIGIBILITY_KEY, listing)
         yield dg.MaterializeResult(asset_key=ELIGIBILITY_KEY, metadata={
-            "dagster/row_count": len(listing), "subjects": int(listing["USUBJID"].nunique()),
+            "dagster/row_count": len(listing), "dagster/column_schema": frame_column_schema(listing),
+            "subjects": int(listing["USUBJID"].nunique()),
             "listing": markdown_table(listing, 50)})
         yield eligibility_result(ELIGIBILITY_KEY, listing)
 
@@ -112,7 +115,9 @@ def build_report_assets(zone: str) -> dg.AssetsDefinition:
         matrix = traceability_matrix(zone)
         store.save(TRACEABILITY_KEY, matrix)
         yield dg.MaterializeResult(asset_key=TRACEABILITY_KEY,
-                                   metadata={"dagster/row_count": len(matrix), "matrix": markdown_table(matrix, 400)})
+                                   metadata={"dagster/row_count": len(matrix),
+                                             "dagster/column_schema": frame_column_schema(matrix),
+                                             "matrix": markdown_table(matrix, 400)})
 
         iwrs = ((len(loaded[RANDOMIZATION_KEY]), len(loaded[VALIDATED_RANDOMIZATION_KEY]),
                  loaded[RANDOMIZATION_KEY].attrs["sha256"]) if randomization else None)

@@ -140,10 +140,14 @@ def _transfers_table(inventory: pd.DataFrame, files: list[str]) -> pd.DataFrame:
 
 
 def _dataset_metadata(dataset: str, frame: pd.DataFrame, lineage: dict, version: str, input_files: list[str],
-                      not_mapped: dict, inventory: pd.DataFrame, file_findings: pd.DataFrame, published) -> dict:
-    """`input_transfers` lists every raw file the mapping reads (DM reads six), with its sha256."""
+                      not_mapped: dict, inventory: pd.DataFrame, file_findings: pd.DataFrame, published,
+                      release) -> dict:
+    """`input_transfers` lists every raw file the mapping reads (DM reads six), with its sha256.
+    `dagster/uri` is the stable published path, which each night's set replaces; `release_uri` the
+    file this run published, unchanged while it is the current set or the one before."""
     return {
         "dagster/row_count": len(frame), "dagster/uri": (published / f"{dataset}.parquet").as_uri(),
+        "release_uri": (release / f"{dataset}.parquet").as_uri(),
         **column_metadata(dataset, lineage),
         "mapping_file": f"mappings/{dataset.removeprefix('supp') if dataset.startswith('supp') else dataset}.yaml",
         "mapping_version": version,
@@ -175,8 +179,12 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
         versions[dataset] = mapping_code_version(mapping)
         code_version = f"{versions[dataset]}+{metadata.package_code_digest()[:8]}"
         needed = mapping_inputs(mapping, zone)
-        input_files[dataset] = sorted(metadata.raw_schema(name.removeprefix("validated_"))["file"]
-                                      for name in needed if name.startswith("validated_"))
+        # The files the step loads, and those the lineage names beyond them (AE's EPOCH reads ex.csv
+        # through DM's subject facts).
+        read = {name.removeprefix("validated_") for name in needed if name.startswith("validated_")}
+        named = {file for pairs in column_lineage(mapping, zone).values() for file, _ in pairs
+                 if file in metadata.RAW_FILES}
+        input_files[dataset] = sorted(metadata.raw_schema(name)["file"] for name in read | named)
         loads.update({k: v for k, v in needed.items() if k != "sdtm_dm"})
         for name in [dataset] + ([supplemental["dataset"]] if supplemental else []):
             specs.append(dg.AssetSpec(
@@ -186,7 +194,7 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
             checks.append(conformance_spec(sdtm_key(name)))
 
     @dg.multi_asset(name="sdtm_domains", specs=specs, check_specs=checks, can_subset=False)
-    def sdtm_domains(settings: StudySettings, store: AssetStore):
+    def sdtm_domains(context: dg.AssetExecutionContext, settings: StudySettings, store: AssetStore):
         store = store_of(settings, store)
         inputs = {name: store.load(key) for name, key in loads.items()}
         inventory = inputs["transfer_inventory"]
@@ -197,6 +205,7 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
             randomization=inputs.get("randomization"),
             data_cutoff=dict(zip(current["SITEID"] + "/" + current["TRANSFER"], current["data_cutoff"])))
         published = settings.output.root.resolve() / "sdtm"
+        release = settings.output.release_of(context.run_id).resolve() / "sdtm"
         subjects = None
         built: list[BuiltDataset] = []
         for mapping in mappings:
@@ -215,8 +224,8 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
                 built.append(BuiltDataset(name, frame, conformance_result(
                     sdtm_key(name), name, frame, None if name == "dm" else subjects), _dataset_metadata(
                     name, frame, lineage, versions[dataset], input_files[dataset], not_mapped, inventory,
-                    file_findings, published)))
-        refuse_nonconformant([b.check for b in built])
+                    file_findings, published, release)))
+        yield from refuse_nonconformant([b.check for b in built])
         for dataset in built:
             store.save(sdtm_key(dataset.name), dataset.frame)
             yield dg.MaterializeResult(asset_key=sdtm_key(dataset.name), metadata=dataset.metadata)

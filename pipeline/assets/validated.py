@@ -12,7 +12,7 @@ import dagster as dg
 from pipeline import findings, metadata
 from pipeline.assets.checks import raw_contract_result, raw_contract_spec
 from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema
-from pipeline.assets.raw import RAW_KEYS, RANDOMIZATION_KEY
+from pipeline.assets.raw import RAW_KEYS, RANDOMIZATION_KEY, raw_column_schema
 from pipeline.validation import randomization as iwrs
 from pipeline.resources import AssetStore, StudySettings, store_of
 from pipeline.validation.raw_contract import validate_raw
@@ -23,16 +23,18 @@ VALIDATED_RANDOMIZATION_KEY = dg.AssetKey(["validated", "randomization"])
 
 
 def build_validation_asset(zone: str) -> dg.AssetsDefinition:
+    code_version = metadata.layer_code_version(metadata.VALIDATION_LAYER_METADATA)
     raw_keys = list(RAW_KEYS.values()) + ([RANDOMIZATION_KEY] if zone == "unblinded" else [])
     specs = [dg.AssetSpec(key, deps=raw_keys, group_name="validated", owners=OWNERS, kinds={"pandera", "pandas"},
+                          code_version=code_version,
                           description=f"{metadata.raw_schema(name)['file']} records that passed the raw contract.")
              for name, key in VALIDATED_KEYS.items()]
     specs.append(dg.AssetSpec(FINDINGS_KEY, deps=raw_keys, group_name="validated", owners=OWNERS,
-                              kinds={"pandera", "pandas"},
+                              kinds={"pandera", "pandas"}, code_version=code_version,
                               description="Raw contract findings: every record held back (ERROR) or flagged (WARNING)."))
     if zone == "unblinded":
         specs.append(dg.AssetSpec(VALIDATED_RANDOMIZATION_KEY, deps=[RANDOMIZATION_KEY, VALIDATED_KEYS["enrol"]],
-                                  group_name="validated", owners=OWNERS, kinds={"pandas"},
+                                  group_name="validated", owners=OWNERS, kinds={"pandas"}, code_version=code_version,
                                   description="IWRS randomization reconciled with enrol.csv (unblinded zone only)."))
     checks = [raw_contract_spec(VALIDATED_KEYS[n], metadata.raw_schema(n)["file"]) for n in metadata.RAW_FILES]
 
@@ -50,7 +52,8 @@ def build_validation_asset(zone: str) -> dg.AssetsDefinition:
             frame = validated[name].reset_index(drop=True)
             store.save(key, frame)
             yield dg.MaterializeResult(asset_key=key, metadata={
-                "dagster/row_count": len(frame), "held_back": int(len(raw[name]) - len(frame))})
+                "dagster/row_count": len(frame), "dagster/column_schema": raw_column_schema(name),
+                "held_back": int(len(raw[name]) - len(frame))})
         store.save(FINDINGS_KEY, all_findings)
         yield dg.MaterializeResult(asset_key=FINDINGS_KEY, metadata={
             "dagster/row_count": len(all_findings), "dagster/column_schema": findings_table_schema(),

@@ -138,6 +138,23 @@ def certainly_ordered(left: pd.Series, right: pd.Series, order: int) -> np.ndarr
     return candidates
 
 
+def may_be_extreme(iso: pd.Series, groups: pd.Series, latest: bool) -> pd.Series:
+    """True where a date may be its group's earliest (or `latest`) one: no other date of the group
+    is certainly before (after) it. `2026-08-10` is certainly before a dose on `2026-08-11`, so a
+    swapped Day 1 and Day 2 dose cannot make the later one the first; `2026-02` is not certainly
+    before or after `2026-02-17T09:10`, so both stay (and the caller's tiebreak, the visit
+    order, decides). Compares the bounds only: nothing is imputed."""
+    complete = is_complete_date(iso)
+    first_day, last_day = partial_date_bounds(iso)
+    earliest = iso.where(complete, first_day)
+    timed = complete & iso.str.len().gt(10)
+    latest_time = iso.where(timed, last_day + "T99")      # a date alone is any time of its day
+    unknown = earliest.isna() | latest_time.isna()        # an unreadable bound cannot be ruled out
+    if latest:
+        return unknown | (latest_time >= earliest.groupby(groups).transform("max")).fillna(False).astype(bool)
+    return unknown | (earliest <= latest_time.groupby(groups).transform("min")).fillna(False).astype(bool)
+
+
 def _truncate(values: pd.Series, lengths: pd.Series) -> pd.Series:
     out = values.copy()
     for length in (4, 7, 10):
