@@ -115,6 +115,16 @@ def failure_guidance(message: str) -> str:
     if "RandomizationFileError" in text:
         return ("The IWRS list (unblinded/randomization.csv) cannot be used as it is: have it exported again as the "
                 "reason says, then rerun. The previous outputs are unchanged.")
+    if "DagsterExecutionInterruptedError" in text or "KeyboardInterrupt" in text:
+        return "The run was interrupted (Ctrl-C, or terminated from the UI). The previous outputs are unchanged; " \
+               "run again when ready."
+    if "is to be withdrawn but has a current transfer" in text:
+        return ("A site given to --without-site (settings.sites_withdrawn) still sends usable data: run again "
+                "without withdrawing it. The previous outputs are unchanged.")
+    if "Publishing would drop its subjects" in text:
+        return ("A site of the published set has no usable transfer tonight: restore its transfers (or have it "
+                "send a new one), or, if it has closed, run with --without-site and its SITEID. The previous "
+                "outputs are unchanged.")
     if OutputFolderBusy.__name__ in text or "is being written by" in text:
         return "Another run is writing this output folder. Wait for it to finish, then run again."
     # Matched on the error's own words, not on "zone" anywhere (a path such as /srv/blinded-zone/...

@@ -28,7 +28,7 @@ class UsageError(Exception):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, as the contract asks
-        raise UsageError(message)
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def seconds(text: str) -> float:
@@ -49,23 +49,27 @@ def site_id(text: str) -> str:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="mesae", description="MESAE site exports to CDISC SDTM, orchestrated by Dagster.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    # No abbreviations: `--unblind` or `--export` in a nightly script should fail, not be guessed.
+    parser = Parser(prog="mesae", description="MESAE site exports to CDISC SDTM, orchestrated by Dagster.",
+                    allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND",
+                                     title="commands (mesae COMMAND --help for each)")
 
-    demo = commands.add_parser("demo", help="make a synthetic trial and run the pipeline on it")
+    demo = commands.add_parser("demo", help="make a synthetic trial and run the pipeline on it", allow_abbrev=False)
     demo.add_argument("--dir", default="demo", type=Path, help="demo folder (default ./demo)")
-    demo.add_argument("--subjects", type=int, default=38)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--subjects", type=int, default=None,
+                      help="enrolled subjects of a new demo trial (default 38; an existing DIR/exports is reused)")
+    demo.add_argument("--seed", type=int, default=None, help="seed of a new demo trial (default 0)")
 
-    data = commands.add_parser("demo-data", help="write synthetic raw site exports")
+    data = commands.add_parser("demo-data", help="write synthetic raw site exports", allow_abbrev=False)
     data.add_argument("--out", required=True, type=Path, help="exports root to create")
     data.add_argument("--subjects", type=int, default=38, help="enrolled subjects (default 38)")
     data.add_argument("--sites", type=int, default=None,
                       help="sites (default 5, more when SUBJID numbering needs them)")
     data.add_argument("--transfers", type=int, default=2, help="complete transfers per site (default 2)")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=int, default=0, help="random seed: same seed, same bytes (default 0)")
 
-    run = commands.add_parser("run", help="ingest, validate, map and publish through Dagster")
+    run = commands.add_parser("run", help="ingest, validate, map and publish through Dagster", allow_abbrev=False)
     run.add_argument("--exports", required=True, type=Path, help="exports root (read only)")
     run.add_argument("--output", required=True, type=Path, help="output folder of this blinding zone")
     zone = run.add_mutually_exclusive_group()
@@ -77,7 +81,8 @@ def build_parser() -> Parser:
     run.add_argument("--lock-timeout", type=seconds, default=30.0,
                      help="seconds to wait for another run on the same output folder (default 30)")
 
-    trace = commands.add_parser("trace", help="print the raw row(s) an SDTM record came from")
+    trace = commands.add_parser("trace", help="print an SDTM record and the raw row(s) it came from",
+                                allow_abbrev=False)
     trace.add_argument("usubjid")
     trace.add_argument("domain", help="DM, EX, AE, LB, QS, SUPPAE ...")
     trace.add_argument("seq", help="the record's --SEQ (for DM and SUPPDM: 1)")
@@ -89,6 +94,10 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:   # the commands, not only "a command is required"
+        build_parser().print_help(sys.stderr)
+        return 2
     try:
         args = build_parser().parse_args(argv)
         handler = {"demo": demo, "demo-data": demo_data, "run": run, "trace": trace}[args.command]
@@ -98,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("mesae: interrupted; published outputs are unchanged", file=sys.stderr)
+        return 1
+    except BrokenPipeError:   # `mesae trace ... | head`: the reader has what it wanted
+        stop_writing_stdout()
         return 1
 
 
@@ -153,12 +165,19 @@ def unusable_instance(home: Path, error: BaseException) -> UsageError:
     return UsageError(f"{instance_problem(home, error)}; set DAGSTER_HOME to a writable folder (nothing was run)")
 
 
-def preflight(exports: Path, output: Path, zone: str, home: Path) -> None:
+def preflight(exports: Path, output: Path, zone: str, home: Path, sites_withdrawn: list[str] = ()) -> None:
     """Everything that makes an invocation unusable, checked before Dagster starts (exit 2)."""
     from pipeline.transfers import RANDOMIZATION_PATH, ExportsRootError, has_site_folders, list_transfers
 
     try:
-        list_transfers(exports)
+        listing = list_transfers(exports)
+        # A site to withdraw that neither the published set nor the exports know is a typo: the run
+        # would withdraw nothing and say nothing.
+        known = set(OutputFolder(output, zone).published_inputs()) | {t.site for t in listing}
+        unknown = sorted(set(sites_withdrawn) - known)
+        if unknown:
+            raise UsageError(f"--without-site {' '.join(unknown)}: no such site in the published set or the exports "
+                             f"(sites known: {', '.join(sorted(known)) or 'none'}); nothing was run")
         if not has_site_folders(exports):   # a wrong --exports would publish an empty set over good outputs
             raise UsageError(f"exports folder {exports} has no site-XX folder; expected the folder that holds "
                              "site-01/, site-02/ ... (nothing was run)")
@@ -177,7 +196,7 @@ def preflight(exports: Path, output: Path, zone: str, home: Path) -> None:
 def run(args) -> int:
     zone = zone_of(args)
     home = dagster_home(zone)
-    preflight(args.exports, args.output, zone, home)
+    preflight(args.exports, args.output, zone, home, args.without_site)
     return execute(args.exports, args.output, zone, home, args.lock_timeout, args.without_site)
 
 
@@ -220,7 +239,7 @@ def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: fl
                   file=sys.stderr)
             return 1
         if result.success:
-            print_summary(output, result.run_id)
+            report_published(output, result.run_id)
             return 0
         reason = failure_reason(result)
     print(f"mesae: run {result.run_id} failed: {reason}", file=sys.stderr)
@@ -235,8 +254,8 @@ def this_process() -> dict[str, str]:
 
 
 def close_abandoned_runs(instance) -> None:
-    """A `mesae run` killed mid-run (kill -9, a lost machine) leaves its run STARTED in the instance
-    for ever. The next run on the same host marks it FAILED, so the UI shows no phantom run in
+    """A `mesae run` killed mid-run (kill -9, a lost machine, a Ctrl-C before Dagster started it)
+    leaves its run STARTED (or NOT_STARTED) in the instance for ever. The next run on the same host marks it FAILED, so the UI shows no phantom run in
     progress. Runs of the UI and daemon are Dagster's own to monitor."""
     import dagster as dg
 
@@ -244,7 +263,8 @@ def close_abandoned_runs(instance) -> None:
 
     host = this_process()["mesae/host"]
     records = instance.get_run_records(filters=dg.RunsFilter(
-        statuses=[dg.DagsterRunStatus.STARTED], tags={"mesae/source": "cli", "mesae/host": host}))
+        statuses=[dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
+        tags={"mesae/source": "cli", "mesae/host": host}))
     for record in records:
         pid = record.dagster_run.tags.get("mesae/pid", "")
         if pid.isdigit() and not process_alive(int(pid)):
@@ -283,18 +303,38 @@ def _why_not_found(output: Path, usubjid: str, lineage) -> str:
     return "; the subject has no record in this dataset"
 
 
+def report_published(output: Path, run_id: str) -> None:
+    """The summary of a published run. Exit 0 means published, so a reader that stopped early
+    (`| head`) or a full disk under a redirected stdout does not turn the night into a failure."""
+    try:
+        print_summary(output, run_id)
+        sys.stdout.flush()
+    except OSError as error:
+        stop_writing_stdout()
+        print(f"mesae: run {run_id} published to {output}; its summary could not be written to the standard "
+              f"output ({error.strerror or error})", file=sys.stderr)
+
+
+def stop_writing_stdout() -> None:
+    """Points stdout at /dev/null, so that the flush at exit does not fail again with a traceback."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def print_summary(output: Path, run_id: str) -> None:
     summary = json.loads((output / "run.json").read_text(encoding="utf-8"))
     records = ", ".join(f"{k.upper()} {v}" for k, v in summary["records"].items())
     warnings = sum(r["n"] for r in summary["findings_by_rule"] if r["SEVERITY"] == "WARNING")
-    transfers = ", ".join(f"{n} {s.lower()}" for s, n in summary["transfers"].items())
+    transfers = ", ".join(f"{n} {s.lower()}" for s, n in summary["transfers"].items()) or "none"
     print(f"MESAE {summary['zone']} run {run_id} published to {output}")
     print(f"  subjects: {summary['subjects']}; records: {records}")
     print(f"  held back: {summary['held_back']} raw records; warnings: {warnings}; transfers: {transfers}")
     for site in summary.get("sites_behind", []):
-        rejected = f"; newer transfer(s) REJECTED: {', '.join(site['newer_rejected'])}" if site["newer_rejected"] else ""
-        print(f"  behind: site {site['site']} is on transfer {site['current']}, "
-              f"{site['hours_behind_newest']:g} h older than the newest site's{rejected}")
+        why = [f"{site['hours_behind_newest']:g} h older than the newest site's"] if site["hours_behind_newest"] else []
+        why += [f"newer transfer(s) REJECTED: {', '.join(site['newer_rejected'])}"] if site["newer_rejected"] else []
+        print(f"  behind: site {site['site']} is on transfer {site['current']}; {'; '.join(why)}")
     by_rule = ", ".join(f"{r['RULE']} {r['n']}" for r in summary["findings_by_rule"])
     if by_rule:
         print(f"  findings by rule: {by_rule}  (details: {output / 'quarantine.parquet'})")
@@ -305,10 +345,14 @@ def demo(args) -> int:
 
     exports, output = args.dir / "exports", args.dir / "output"
     if exports.exists():
-        print(f"reusing the synthetic exports in {exports} (delete the folder for a new trial)")
+        ignored = " ".join(f"--{name} {value}" for name, value in (("subjects", args.subjects), ("seed", args.seed))
+                           if value is not None)
+        print(f"reusing the synthetic exports in {exports} (delete the folder for a new trial"
+              + (f"; {ignored} applies only to a new one)" if ignored else ")"))
     else:
         try:
-            generate_trial(exports, subjects=args.subjects, seed=args.seed)
+            generate_trial(exports, subjects=38 if args.subjects is None else args.subjects,
+                           seed=0 if args.seed is None else args.seed)
         except ValueError as error:
             raise UsageError(str(error)) from None
         except OSError as error:
@@ -323,7 +367,9 @@ def demo(args) -> int:
         dagster = Path(sys.executable).parent / "dagster"
         print(f"  cd {root} && DAGSTER_HOME={home} MESAE_EXPORTS={exports.absolute()} "
               f"MESAE_OUTPUT={output.absolute()} {dagster if dagster.exists() else 'dagster'} dev")
-        print(f"Trace a record to its raw row:  mesae trace MESAE-01-001 LB 1 --output {output} --exports {exports}")
+        mesae = Path(sys.executable).parent / "mesae"
+        print(f"Trace a record to its raw row:  {mesae if mesae.exists() else 'mesae'} trace MESAE-01-001 LB 1 "
+              f"--output {output} --exports {exports}")
     return code
 
 
@@ -346,6 +392,9 @@ def trace(args) -> int:
         seq = int(args.seq)
     except ValueError:
         raise UsageError(f"SEQ must be a whole number, not {args.seq!r}") from None
+    if not args.exports.is_dir():   # the default, demo/exports, is relative to the current folder
+        raise UsageError(f"exports folder {args.exports} not found (from {Path.cwd()}); give --exports, the "
+                         "folder the run read")
     lineage = pq.read_table(path).to_pandas()
     hits = lineage[(lineage["USUBJID"] == args.usubjid) & (lineage["SEQ"].fillna(1) == seq)]
     if hits.empty:

@@ -136,6 +136,14 @@ class OutputFolder:
             path = self.root / entry
             if (path.exists() or path.is_symlink()) and not path.is_symlink():
                 raise OutputFolderError(f"{path} exists and was not written by mesae; move it away or use another --output")
+        if not self.state.exists() and self.root.is_dir():
+            # `--output .` or `--output ~` would scatter the published entries among someone's files.
+            # Hidden entries (.DS_Store, a .dagster_home) are let be.
+            foreign = sorted(entry.name for entry in self.root.iterdir() if not entry.name.startswith("."))
+            if foreign:
+                raise OutputFolderError(
+                    f"output folder {self.root} was not written by mesae and is not empty "
+                    f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); use a new or empty --output folder")
         try:   # created now, so that a path that cannot be a folder is refused before the run starts
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:

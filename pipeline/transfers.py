@@ -97,18 +97,18 @@ def withdrawals(published: dict[str, dict], transfers: list[Transfer], withdrawn
                             detail=published[site].get("transfer")) for site in sorted(set(withdrawn) & set(published))]
 
 
-def sites_gone(published: dict[str, dict], transfers: list[Transfer], withdrawn: list[str]) -> list[str]:
+def sites_gone(published: dict[str, dict], transfers: list[Transfer], withdrawn: list[str]) -> dict[str, str]:
     """Why each site of the last published set (run.json `inputs`) would drop out of this one:
     its folder is gone, or no transfer of it can be read. A site the run was told is withdrawn
     is let go."""
     usable = {t.site for t in transfers if t.status == "CURRENT"}
     rejected = {t.site: t for t in sorted(transfers, key=lambda t: t.name) if t.site and t.status == "REJECTED"}
-    out = []
+    out = {}
     for site in sorted(set(published) - usable - set(withdrawn)):
         last = published[site].get("transfer") if isinstance(published[site], dict) else None
         why = (f"every transfer of it is REJECTED (newest {rejected[site].name}: {rejected[site].reason})"
                if site in rejected else "its folder site-" + site + " is gone from the exports root")
-        out.append(f"site {site} (last published from transfer {last}): {why}")
+        out[site] = f"site {site} (last published from transfer {last}): {why}"
     return out
 
 

@@ -379,6 +379,17 @@ def test_trace_of_an_unknown_record_is_a_one_line_error(run, capsys):
     assert code == 2 and err.count("\n") == 1 and "MESAE-99-999" in err
 
 
+def test_trace_from_another_folder_names_the_exports_it_looked_for(run, tmp_path, monkeypatch, capsys):
+    """The --exports default is relative: run from elsewhere, it is not found, not 'unreadable'."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["trace", "MESAE-01-001", "LB", "1", "--output", str(run.output)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"exports folder demo/exports not found (from {tmp_path})" in err and "--exports" in err
+
+
 def test_trace_of_a_missing_record_says_where_to_look(run, capsys):
     """"DM has no record" for a held-back subject did not point to the quarantine, nor, for a
     renumbered --SEQ, to the subject's records."""

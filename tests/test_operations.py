@@ -310,6 +310,56 @@ def test_guidance_for_other_output_folder_problems_is_not_zone_advice(tmp_path):
     assert "separate, empty --output folder" in advice
 
 
+def test_a_first_run_into_a_folder_of_other_files_is_refused(tmp_path, capsys):
+    """`--output .` in a repository or `--output ~` would scatter sdtm/, reports/, run.json ... among
+    someone's files: a folder mesae never wrote must be new or empty (hidden entries aside)."""
+    from conftest import run_cli
+
+    write_transfer(tmp_path / "exports", "01", T1, one_subject_trial("01"))
+    output = tmp_path / "notes"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    (output / ".DS_Store").write_text("")
+    args = ["run", "--exports", str(tmp_path / "exports"), "--output", str(output)]
+    assert run_cli(*args, home=tmp_path / "home") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"output folder {output} was not written by mesae and is not empty (notes.txt)" in err
+    assert sorted(p.name for p in output.iterdir()) == [".DS_Store", "notes.txt"]
+    (output / "notes.txt").unlink()
+    assert run_cli(*args, home=tmp_path / "home") == 0     # hidden entries aside, it is empty
+    assert run_cli(*args, home=tmp_path / "home") == 0     # and from then on it is mesae's
+
+
+def test_a_summary_that_cannot_be_written_does_not_fail_a_published_run(tmp_path, monkeypatch, capsys):
+    """Exit 0 means published: `mesae run | head` (a closed pipe) or stdout on a full disk must not
+    turn a published night into exit 1 with a traceback."""
+    import io
+
+    from conftest import run_cli
+
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            raise io.UnsupportedOperation("no file descriptor here")
+
+    write_transfer(tmp_path / "exports", "01", T1, one_subject_trial("01"))
+    output = tmp_path / "out"
+    monkeypatch.setattr("sys.stdout", Closed())
+    assert run_cli("run", "--exports", str(tmp_path / "exports"), "--output", str(output), home=tmp_path / "home") == 0
+    err = capsys.readouterr().err
+    run_id = json.loads((output / "run.json").read_text())["run_id"]
+    assert f"mesae: run {run_id} published to {output}; its summary could not be written" in err
+    assert "Broken pipe" in err and "Traceback" not in err
+
+
+def test_guidance_for_an_interrupted_run():
+    assert "interrupted" in failure_guidance("DagsterExecutionInterruptedError: dagster._core.errors."
+                                             "DagsterExecutionInterruptedError")
+    assert "then rerun" not in failure_guidance("DagsterExecutionInterruptedError: x")
+
+
 @pytest.fixture(scope="module")
 def failed_runs(tmp_path_factory):
     """Two real runs that fail before any step, recorded in one instance: the output folder busy
@@ -460,17 +510,20 @@ def test_a_run_left_started_by_a_killed_process_is_marked_failed(tmp_path, monke
     ended = subprocess.Popen(["true"])
     ended.wait()
     runs = {"killed": (socket.gethostname(), ended.pid), "alive": (socket.gethostname(), os.getpid()),
-            "elsewhere": ("another-host", ended.pid)}
+            "elsewhere": ("another-host", ended.pid),
+            # a Ctrl-C before Dagster started the run left it NOT_STARTED
+            "interrupted": (socket.gethostname(), ended.pid)}
     with dg.DagsterInstance.from_config(str(home)) as instance:
         for name, (host, pid) in runs.items():
-            instance.add_run(dg.DagsterRun(job_name=JOB_NAME, run_id=f"{name}-run", status=dg.DagsterRunStatus.STARTED,
+            status = dg.DagsterRunStatus.NOT_STARTED if name == "interrupted" else dg.DagsterRunStatus.STARTED
+            instance.add_run(dg.DagsterRun(job_name=JOB_NAME, run_id=f"{name}-run", status=status,
                                            tags={"mesae/source": "cli", "mesae/host": host, "mesae/pid": str(pid)}))
     assert run_cli("run", "--exports", str(tmp_path / "exports"), "--output", str(tmp_path / "out"), home=home) == 0
     with dg.DagsterInstance.from_config(str(home)) as instance:
         status = {name: instance.get_run_by_id(f"{name}-run").status for name in runs}
         failure = instance.all_logs("killed-run", of_type=dg.DagsterEventType.RUN_FAILURE)
     assert status == {"killed": dg.DagsterRunStatus.FAILURE, "alive": dg.DagsterRunStatus.STARTED,
-                      "elsewhere": dg.DagsterRunStatus.STARTED}
+                      "elsewhere": dg.DagsterRunStatus.STARTED, "interrupted": dg.DagsterRunStatus.FAILURE}
     assert f"the mesae process {ended.pid}" in failure[0].dagster_event.message
 
 
@@ -492,10 +545,17 @@ def test_a_published_site_that_vanishes_fails_the_run_until_it_is_withdrawn(tmp_
     assert run_cli("run", "--exports", str(exports), "--output", str(output), home=tmp_path / "home") == 1
     error = capsys.readouterr().err
     assert "site 03 (last published from transfer" in error and "its folder site-03 is gone" in error, error
+    assert "--without-site 03`" in error and "restore its transfers" in error and "then rerun" not in error
     assert {p: (output / p).read_bytes() for p in before} == before
     assert run_cli("run", "--exports", str(exports), "--output", str(output), "--without-site", "01",
                    home=tmp_path / "home") == 1             # site 01 sends data: withdrawing it is refused
-    assert "site 01 is to be withdrawn but has a current transfer" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "site 01 is to be withdrawn but has a current transfer" in error
+    assert "run again without withdrawing it" in error
+    assert run_cli("run", "--exports", str(exports), "--output", str(output), "--without-site", "07",
+                   home=tmp_path / "home") == 2             # a typo: no site 07 anywhere
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--without-site 07: no such site" in error and "01, 02, 03" in error, error
     assert run_cli("run", "--exports", str(exports), "--output", str(output), "--without-site", "03",
                    home=tmp_path / "home") == 0
     assert "03" not in json.loads((output / "run.json").read_text())["inputs"]
@@ -515,11 +575,12 @@ def test_sites_gone_names_why_and_lets_withdrawn_sites_go():
            Transfer(site="02", name="20261123T220005", path=Path("x"), status="REJECTED")]
     now[1].problem("TRF-MISSING-FILE", file="lb.csv", detail="listed in manifest.json but absent")
     gone = sites_gone(published, now, withdrawn=[])
-    assert len(gone) == 2 and gone[0].startswith("site 02 (last published from transfer 20261122T220000): every "
-                                                 "transfer of it is REJECTED (newest 20261123T220005: ")
-    assert gone[1] == "site 03 (last published from transfer 20261122T220000): its folder site-03 is gone from the exports root"
-    assert sites_gone(published, now, withdrawn=["02", "03"]) == []
-    assert sites_gone({}, now, withdrawn=[]) == []
+    assert list(gone) == ["02", "03"]
+    assert gone["02"].startswith("site 02 (last published from transfer 20261122T220000): every "
+                                 "transfer of it is REJECTED (newest 20261123T220005: ")
+    assert gone["03"] == "site 03 (last published from transfer 20261122T220000): its folder site-03 is gone from the exports root"
+    assert sites_gone(published, now, withdrawn=["02", "03"]) == {}
+    assert sites_gone({}, now, withdrawn=[]) == {}
 
 
 def test_sites_behind_are_those_a_night_late_or_with_a_newer_rejected_transfer():

@@ -129,10 +129,11 @@ def build_raw_ingest() -> dg.AssetsDefinition:
         withdrawn = transfers.withdrawals(published, all_transfers, settings.sites_withdrawn)
         gone = transfers.sites_gone(published, all_transfers, settings.sites_withdrawn)
         if gone:
+            flags = " ".join(f"--without-site {site}" for site in gone)
             raise transfers.SiteGoneError(
-                "; ".join(gone) + ". Publishing would drop its subjects from every dataset, so nothing is "
+                "; ".join(gone.values()) + ". Publishing would drop its subjects from every dataset, so nothing is "
                 "published and the previous outputs stay. Restore the site's transfers, or, if the site has "
-                "closed, run once with `mesae run --without-site SITEID` (settings.sites_withdrawn in the launchpad)")
+                f"closed, run once with `mesae run ... {flags}` (settings.sites_withdrawn in the launchpad)")
         inventory = inventory_frame(all_transfers)
         current = [t for t in all_transfers if t.status == "CURRENT"]
         # A transfer rejected before the site's current one is history (transfers.parquet keeps its
