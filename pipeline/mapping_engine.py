@@ -546,8 +546,9 @@ def _supplemental(mapping: dict, work: Work, frame: pd.DataFrame) -> pd.DataFram
 
 def column_lineage(mapping: dict, zone: str) -> dict[str, list[tuple[str, str]]]:
     """For each SDTM variable, the (raw file or sdtm/dm, column) pairs it is derived from: its
-    sources, conditions (`where`, `when`, `when_present`), grouping and, for a DM subject fact
-    (`dm.ctx_...`, not a published column), the raw columns DM derived that fact from."""
+    sources, conditions (`where`, `when`, `when_present`), grouping, the keys that order a --SEQ
+    and, for a DM subject fact (`dm.ctx_...`, not a published column), the raw columns DM derived
+    that fact from."""
     primary = mapping["source"]
     specs = {**mapping["variables"], **mapping.get("context", {})}
     resolved: dict[str, list[tuple[str, str]]] = {}
@@ -592,6 +593,9 @@ def column_lineage(mapping: dict, zone: str) -> dict[str, list[tuple[str, str]]]
         if "default" in spec:
             out += refs(spec["default"], file)
         out += implied_sources(spec.get("algorithm"))
+        if spec.get("algorithm") == "sequence":   # the number is the record's place in the key order
+            for key in metadata.sdtm_schema(mapping["dataset"])["keys"]:
+                out += of(key) if key in specs and specs[key] is not spec else []
         if zone == "unblinded":
             out += [tuple(r.split(".", 1)) for r in UNBLINDED_SOURCES.get(spec.get("algorithm"), [])]
         return out

@@ -191,6 +191,9 @@ def test_column_lineage_covers_every_mapped_variable(instance, materializations,
     ("ex", "VISIT", {("raw/lb", "LBDAT"), ("raw/mrs", "MRSDAT")}),
     # the end of an ongoing AE is the data cut-off, the date of the manifest's exported_at
     ("ae", "AEENTPT", {("raw/transfer_inventory", "EXPORTED_AT"), ("raw/ae", "AEONGO")}),
+    # --SEQ numbers the records in key order: a changed test, date or visit renumbers them
+    ("lb", "LBSEQ", {("raw/lb", "SUBJID"), ("raw/lb", "LBTEST"), ("raw/lb", "LBDAT"), ("raw/lb", "VISIT")}),
+    ("ae", "AESEQ", {("raw/ae", "AEDECOD"), ("raw/ae", "AESTDAT")}),
 ])
 def test_column_lineage_names_inputs_read_from_other_files(materializations, dataset, variable, inputs):
     """Auditors read the lineage as every input that can change a value: a changed mrs.csv date
@@ -242,6 +245,20 @@ def test_raw_assets_record_the_exports_version_they_read(run, instance):
     for name in RAW_FILES:
         tags = instance.get_latest_materialization_event(dg.AssetKey(["raw", name])).asset_materialization.tags
         assert tags["dagster/input_data_version/exports/site_transfers"] == digest.hexdigest(), name
+
+
+def test_a_rejected_transfer_fails_the_transfers_check(run, instance):
+    """The demo's newest site-05 transfer is still being copied (mrs.csv missing): REJECTED, and the
+    catalog's check on the transfer inventory says so, not only the quarantine."""
+    key = dg.AssetCheckKey(dg.AssetKey(["raw", "transfer_inventory"]), "transfers_accepted")
+    record = instance.event_log_storage.get_asset_check_execution_history(key, limit=1)[0]
+    evaluation = record.event.dagster_event.event_specific_data
+    inventory = pq.read_table(run.output / "transfers.parquet").to_pandas()
+    rejected = inventory[inventory["STATUS"] == "REJECTED"]
+    assert len(rejected) == 1 and not evaluation.passed
+    assert evaluation.severity == dg.AssetCheckSeverity.WARN and evaluation.description == "1 transfer folder(s) rejected"
+    table = evaluation.metadata["rejected"].value
+    assert rejected["TRANSFER"].iloc[0] in table and "TRF-MISSING-FILE" in table and "mrs.csv" in table
 
 
 def code_versions(defs: dg.Definitions) -> dict[str, str]:

@@ -8,7 +8,9 @@ in memory, so a check costs no extra step and no extra read:
   (`refuse_nonconformant`), so the check's history shows the failure, publication does not run,
   the previous outputs stay as they were, and no later run of `reports/*` alone can publish the
   rejected data;
-- `eligibility` on the eligibility-deviation listing (WARN).
+- `eligibility` on the eligibility-deviation listing (WARN);
+- `transfers_accepted` on raw/transfer_inventory (WARN): a site's newest transfer folder was
+  rejected (its data is not tonight's), with the reasons; the raw_contract checks see records only.
 """
 
 import dagster as dg
@@ -20,6 +22,22 @@ from pipeline.validation.sdtm_conformance import conformance_failures
 RAW_CONTRACT = "raw_contract"
 CONFORMANCE = "sdtm_conformance"
 ELIGIBILITY = "eligibility"
+TRANSFERS = "transfers_accepted"
+
+
+def transfers_spec(key: dg.AssetKey) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(TRANSFERS, asset=key,
+                             description="No transfer folder is rejected that is newer than its site's current one "
+                                         "(nor a folder named like a site's): the quarantine has the reasons.")
+
+
+def transfers_result(key: dg.AssetKey, ingest_findings: pd.DataFrame) -> dg.AssetCheckResult:
+    rejected = ingest_findings[(ingest_findings["SEVERITY"] == "ERROR") & ingest_findings["RULE"].str.startswith("TRF-")]
+    folders = rejected.drop_duplicates(["SITEID", "TRANSFER"])
+    return dg.AssetCheckResult(
+        asset_key=key, check_name=TRANSFERS, passed=rejected.empty, severity=dg.AssetCheckSeverity.WARN,
+        description=f"{len(folders)} transfer folder(s) rejected", metadata={
+            "rejected": markdown_table(rejected[["SITEID", "TRANSFER", "RULE", "MESSAGE"]], 20)})
 
 
 def raw_contract_spec(key: dg.AssetKey, file: str) -> dg.AssetCheckSpec:

@@ -14,6 +14,7 @@ import dagster as dg
 import pandas as pd
 
 from pipeline import findings, metadata, transfers
+from pipeline.assets.checks import transfers_result, transfers_spec
 from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema, markdown_table
 from pipeline.resources import AssetStore, StudySettings, store_of
 
@@ -117,7 +118,8 @@ def build_raw_ingest() -> dg.AssetsDefinition:
     metadata they load (MESAE_METADATA_ROOT)."""
     code_version = metadata.layer_code_version(metadata.RAW_LAYER_METADATA)
 
-    @dg.multi_asset(specs=_raw_specs(code_version), name="raw_ingest", can_subset=False)
+    @dg.multi_asset(specs=_raw_specs(code_version), name="raw_ingest", can_subset=False,
+                    check_specs=[transfers_spec(INVENTORY_KEY)])
     def raw_ingest(context: dg.AssetExecutionContext, settings: StudySettings, store: AssetStore):
         store = store_of(settings, store)
         known = transfers.KnownTransfers(settings.output.state / "known_transfers.json")
@@ -168,6 +170,7 @@ def build_raw_ingest() -> dg.AssetsDefinition:
                                              "dagster/column_schema": INVENTORY_SCHEMA,
                                              "transfers": markdown_table(inventory[INVENTORY_COLUMNS], 100),
                                              "rejected": int((inventory["STATUS"] == "REJECTED").sum())})
+        yield transfers_result(INVENTORY_KEY, ingest_findings)
         store.save(INGEST_FINDINGS_KEY, ingest_findings)
         yield dg.MaterializeResult(asset_key=INGEST_FINDINGS_KEY, tags=provenance,
                                    data_version=content_version(code_version, ingest_findings.to_json(orient="split")),
