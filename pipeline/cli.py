@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mesae: interrupted; published outputs are unchanged", file=sys.stderr)
         return 1
-    except BrokenPipeError:   # `mesae trace ... | head`: the reader has what it wanted
+    except BrokenPipeError:   # `mesae trace ... | head`: the reader stopped; 128 + SIGPIPE, as a shell reports it
         stop_writing_stdout()
-        return 1
+        return 141
 
 
 def demo_data(args) -> int:
@@ -171,13 +171,13 @@ def preflight(exports: Path, output: Path, zone: str, home: Path, sites_withdraw
 
     try:
         listing = list_transfers(exports)
-        # A site to withdraw that neither the published set nor the exports know is a typo: the run
-        # would withdraw nothing and say nothing.
+        # A site to withdraw that neither the published set nor the exports know withdraws nothing:
+        # a typo, or the flag kept after the night it was needed (a cron line). Said, not refused.
         known = set(OutputFolder(output, zone).published_inputs()) | {t.site for t in listing}
         unknown = sorted(set(sites_withdrawn) - known)
         if unknown:
-            raise UsageError(f"--without-site {' '.join(unknown)}: no such site in the published set or the exports "
-                             f"(sites known: {', '.join(sorted(known)) or 'none'}); nothing was run")
+            print(f"mesae: --without-site {' '.join(unknown)}: no such site in the published set or the exports "
+                  f"(sites known: {', '.join(sorted(known)) or 'none'}); nothing to withdraw", file=sys.stderr)
         if not has_site_folders(exports):   # a wrong --exports would publish an empty set over good outputs
             raise UsageError(f"exports folder {exports} has no site-XX folder; expected the folder that holds "
                              "site-01/, site-02/ ... (nothing was run)")
@@ -380,7 +380,10 @@ def trace(args) -> int:
     from pipeline import metadata, transfers
 
     dataset = args.domain.lower()
-    path = args.output / "lineage" / f"{dataset}.parquet"
+    # One set: `current` resolved once, so that a run publishing meanwhile cannot pair one set's
+    # lineage with the next one's records.
+    published = (args.output / "current").resolve() if (args.output / "current").is_symlink() else args.output
+    path = published / "lineage" / f"{dataset}.parquet"
     from pipeline.sdtm_datasets import sdtm_datasets
 
     known = sdtm_datasets()
@@ -399,11 +402,11 @@ def trace(args) -> int:
     hits = lineage[(lineage["USUBJID"] == args.usubjid) & (lineage["SEQ"].fillna(1) == seq)]
     if hits.empty:
         raise UsageError(f"{args.domain.upper()} has no record USUBJID={args.usubjid} SEQ={seq}"
-                         + _why_not_found(args.output, args.usubjid, lineage))
+                         + _why_not_found(published, args.usubjid, lineage))
     # The lineage file's rows are the dataset's rows, in the same order.
-    records = pq.read_table(args.output / "sdtm" / f"{dataset}.parquet").to_pandas().iloc[hits.index]
+    records = pq.read_table(published / "sdtm" / f"{dataset}.parquet").to_pandas().iloc[hits.index]
     for position, record in records.iterrows():
-        print(f"{args.domain.upper()} record, row {position + 1} of {args.output / 'sdtm' / f'{dataset}.parquet'}:")
+        print(f"{args.domain.upper()} record, row {position + 1} of {published / 'sdtm' / f'{dataset}.parquet'}:")
         for variable, value in record.items():
             print(f"  {variable:10} {'' if pd.isna(value) else value}")
     changed = []

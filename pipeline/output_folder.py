@@ -138,8 +138,7 @@ class OutputFolder:
                 raise OutputFolderError(f"{path} exists and was not written by mesae; move it away or use another --output")
         if not self.state.exists() and self.root.is_dir():
             # `--output .` or `--output ~` would scatter the published entries among someone's files.
-            # Hidden entries (.DS_Store, a .dagster_home) are let be.
-            foreign = sorted(entry.name for entry in self.root.iterdir() if not entry.name.startswith("."))
+            foreign = sorted(entry.name for entry in self.root.iterdir() if not self._may_precede_first_run(entry))
             if foreign:
                 raise OutputFolderError(
                     f"output folder {self.root} was not written by mesae and is not empty "
@@ -153,6 +152,14 @@ class OutputFolder:
         if self.state.exists() and not self.state.is_dir():
             raise OutputFolderError(f"{self.state} exists and is not mesae's state folder; move it away or use "
                                     "another --output")
+
+    @staticmethod
+    def _may_precede_first_run(entry: Path) -> bool:
+        """Entries a folder may hold before mesae first publishes there: hidden ones (.DS_Store), a
+        volume's lost+found, a Dagster instance (DAGSTER_HOME inside the output folder), and
+        mesae's own published links, left when its state folder was deleted."""
+        return (entry.name.startswith(".") or entry.name == "lost+found" or (entry / "dagster.yaml").is_file()
+                or (entry.name in (*PUBLISHED_ENTRIES, "current") and entry.is_symlink()))
 
     def _inner_output_folder(self) -> tuple[Path, str] | None:
         """An output folder of the other zone below this one (our own state folder aside), with

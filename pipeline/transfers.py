@@ -97,6 +97,25 @@ def withdrawals(published: dict[str, dict], transfers: list[Transfer], withdrawn
                             detail=published[site].get("transfer")) for site in sorted(set(withdrawn) & set(published))]
 
 
+def sites_gone_back(published: dict[str, dict], transfers: list[Transfer]) -> list[dict]:
+    """TRF-SITE-BACK for each site whose current transfer is older than the one last published:
+    that folder was deleted, or is rejected now, or the exports root is an older copy. Records
+    published last night would leave SDTM with no word; each site says so, once per night."""
+    current = {t.site: t.name for t in transfers if t.status == "CURRENT"}
+    by_name = {(t.site, t.name): t for t in transfers}
+    out = []
+    for site, inputs in sorted(published.items()):
+        last = inputs.get("transfer") if isinstance(inputs, dict) else None
+        if site not in current or not isinstance(last, str) or current[site] >= last:
+            continue
+        was = by_name.get((site, last))
+        why = (f"is REJECTED now ({was.reason})" if was is not None and was.status == "REJECTED"
+               else f"is gone from site-{site}/" if was is None else f"is {was.status}")
+        out.append(findings.single("TRF-SITE-BACK", site=site, transfer=current[site], value=site, expected=last,
+                                   detail=why))
+    return out
+
+
 def sites_gone(published: dict[str, dict], transfers: list[Transfer], withdrawn: list[str]) -> dict[str, str]:
     """Why each site of the last published set (run.json `inputs`) would drop out of this one:
     its folder is gone, or no transfer of it can be read. A site the run was told is withdrawn

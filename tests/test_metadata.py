@@ -105,11 +105,11 @@ def test_row_count_and_uri_are_the_published_files(run, instance, materializatio
     # The stable published path (output/sdtm is swapped atomically to each new release), not
     # the release folder it points at today, which the next run replaces.
     assert metadata["dagster/uri"].value == (run.output.resolve() / "sdtm" / f"{dataset}.parquet").as_uri()
-    # ... and the file this run published, which the next run leaves as it is.
-    run_id = instance.get_latest_materialization_event(dg.AssetKey(["sdtm", dataset])).run_id
-    release = (run.output / ".mesae" / "releases" / run_id / "sdtm" / f"{dataset}.parquet").resolve()
-    assert metadata["release_uri"].value == release.as_uri()
-    assert release.read_bytes() == path.read_bytes()
+    # The publication names the set's own folder, which the next run leaves as it is.
+    publication = instance.get_latest_materialization_event(dg.AssetKey(["reports", "publication"]))
+    release = (run.output / ".mesae" / "releases" / publication.run_id).resolve()
+    assert publication.asset_materialization.metadata["release_uri"].value == release.as_uri()
+    assert (release / "sdtm" / f"{dataset}.parquet").read_bytes() == path.read_bytes()
 
 
 @pytest.mark.parametrize("dataset", DATASETS)

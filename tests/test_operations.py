@@ -326,8 +326,12 @@ def test_a_first_run_into_a_folder_of_other_files_is_refused(tmp_path, capsys):
     assert err.count("\n") == 1 and f"output folder {output} was not written by mesae and is not empty (notes.txt)" in err
     assert sorted(p.name for p in output.iterdir()) == [".DS_Store", "notes.txt"]
     (output / "notes.txt").unlink()
-    assert run_cli(*args, home=tmp_path / "home") == 0     # hidden entries aside, it is empty
-    assert run_cli(*args, home=tmp_path / "home") == 0     # and from then on it is mesae's
+    (output / "lost+found").mkdir()                        # the root of a volume of its own
+    home = output / "dagster_home"                         # an instance inside the output folder
+    assert run_cli(*args, home=home) == 0                  # none of those is someone's file
+    assert run_cli(*args, home=home) == 0                  # and from then on it is mesae's
+    shutil.rmtree(output / ".mesae")                       # its state deleted: its own links are no strangers
+    assert run_cli(*args, home=home) == 0
 
 
 def test_a_summary_that_cannot_be_written_does_not_fail_a_published_run(tmp_path, monkeypatch, capsys):
@@ -553,9 +557,9 @@ def test_a_published_site_that_vanishes_fails_the_run_until_it_is_withdrawn(tmp_
     assert "site 01 is to be withdrawn but has a current transfer" in error
     assert "run again without withdrawing it" in error
     assert run_cli("run", "--exports", str(exports), "--output", str(output), "--without-site", "07",
-                   home=tmp_path / "home") == 2             # a typo: no site 07 anywhere
+                   home=tmp_path / "home") == 1             # a typo beside a site gone: said, and the run refused
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "--without-site 07: no such site" in error and "01, 02, 03" in error, error
+    assert "--without-site 07: no such site" in error and "01, 02, 03" in error and "nothing to withdraw" in error
     assert run_cli("run", "--exports", str(exports), "--output", str(output), "--without-site", "03",
                    home=tmp_path / "home") == 0
     assert "03" not in json.loads((output / "run.json").read_text())["inputs"]
@@ -563,6 +567,10 @@ def test_a_published_site_that_vanishes_fails_the_run_until_it_is_withdrawn(tmp_
     (message,) = quarantine.loc[quarantine["RULE"] == "TRF-SITE-WITHDRAWN", "MESSAGE"]   # the set says why
     assert message.startswith("site 03 withdrawn by this run's settings (mesae run --without-site): its subjects, "
                               "last published from transfer ")
+    # The flag kept the next night (a cron line): site 03 is in neither set nor exports; said, not refused.
+    assert run_cli("run", "--exports", str(exports), "--output", str(output), "--without-site", "03",
+                   home=tmp_path / "home") == 0
+    assert "--without-site 03: no such site" in capsys.readouterr().err
     assert run_cli("run", "--exports", str(exports), "--output", str(output), home=tmp_path / "home") == 0
 
 
@@ -581,6 +589,49 @@ def test_sites_gone_names_why_and_lets_withdrawn_sites_go():
     assert gone["03"] == "site 03 (last published from transfer 20261122T220000): its folder site-03 is gone from the exports root"
     assert sites_gone(published, now, withdrawn=["02", "03"]) == {}
     assert sites_gone({}, now, withdrawn=[]) == {}
+
+
+def test_a_site_whose_data_goes_back_in_time_is_reported():
+    """The transfer last published vanished (deleted, or the exports root is an older copy) or is
+    rejected now: the set quietly took the site's data back a night. Each case says so; a site on
+    the same or a newer transfer, or not current at all (sites_gone's case), does not."""
+    from pipeline.transfers import Transfer, sites_gone_back
+
+    published = {s: {"transfer": "20261124T220005"} for s in ("01", "02", "03", "04", "05")}
+    now = [Transfer(site="01", name="20261123T220005", path=Path("x"), status="CURRENT"),          # gone
+           Transfer(site="02", name="20261123T220005", path=Path("x"), status="CURRENT"),          # rejected now
+           Transfer(site="02", name="20261124T220005", path=Path("x"), status="REJECTED"),
+           Transfer(site="03", name="20261124T220005", path=Path("x"), status="CURRENT"),          # same
+           Transfer(site="04", name="20261125T220005", path=Path("x"), status="CURRENT")]          # newer
+    now[2].problem("TRF-ROWS", file="lb.csv", value=3, expected=4)
+    found = sites_gone_back(published, now)
+    assert [(f["SITEID"], f["TRANSFER"], f["RULE"], f["SEVERITY"]) for f in found] == [
+        ("01", "20261123T220005", "TRF-SITE-BACK", "WARNING"), ("02", "20261123T220005", "TRF-SITE-BACK", "WARNING")]
+    assert found[0]["MESSAGE"] == ("site 01 goes back in time: its current transfer is older than 20261124T220005, the "
+                                   "one last published, which is gone from site-01/; the site's data in this set is "
+                                   "that of this transfer")
+    assert "which is REJECTED now (lb.csv: 3 data rows, the manifest says 4)" in found[1]["MESSAGE"]
+    assert sites_gone_back({}, now) == []
+
+
+def test_a_deleted_newest_transfer_is_reported_the_night_the_data_goes_back(tmp_path):
+    import pandas as pd
+
+    from conftest import run_cli
+    from pipeline.synthetic_trial import generate_trial
+
+    exports, output, home = tmp_path / "exports", tmp_path / "output", tmp_path / "home"
+    generate_trial(exports, subjects=6, transfers=2)
+    args = ["run", "--exports", str(exports), "--output", str(output)]
+    assert run_cli(*args, home=home) == 0
+    newest = sorted(p for p in (exports / "site-01").iterdir() if p.is_dir())[-1]
+    shutil.rmtree(newest)
+    for night, expected in ((2, [("01", f"site 01 goes back in time: its current transfer is older than {newest.name}")]),
+                            (3, [])):
+        assert run_cli(*args, home=home) == 0, night
+        quarantine = pd.read_parquet(output / "quarantine.parquet")
+        back = quarantine[quarantine["RULE"] == "TRF-SITE-BACK"]
+        assert [(s, m[:len(expected[0][1])]) for s, m in zip(back["SITEID"], back["MESSAGE"])] == expected, night
 
 
 def test_sites_behind_are_those_a_night_late_or_with_a_newer_rejected_transfer():

@@ -799,7 +799,18 @@ def test_two_runs_on_one_output_never_write_at_the_same_time(world, capsys):
     summary_a, summary_b = assert_one_set(releases / run_a), assert_one_set(releases / run_b)
     assert summary_b["inputs"]["01"]["transfer"] == "20261124T230000"
     assert summary_b["records"]["lb"] == summary_a["records"]["lb"] - 1
-    assert datasets(published(output)) == datasets(before), "the same inputs gave other bytes after B's run"
+    after = datasets(published(output))
+    assert {k: v for k, v in after.items() if k != "quarantine.parquet"} == \
+        {k: v for k, v in datasets(before).items() if k != "quarantine.parquet"}, \
+        "the same inputs gave other bytes after B's run"
+    # ... and the quarantine says that site 01's data went back from B's newer transfer to A's
+    import pandas as pd
+
+    quarantine = pd.read_parquet(output / "quarantine.parquet")
+    back = quarantine[quarantine["RULE"] == "TRF-SITE-BACK"]
+    assert list(back["SITEID"]) == ["01"] and "older than 20261124T230000" in back["MESSAGE"].iloc[0]
+    assert quarantine[quarantine["RULE"] != "TRF-SITE-BACK"].reset_index(drop=True).equals(
+        pd.read_parquet(world.baseline / "quarantine.parquet"))
 
     assert "Traceback" not in done_c.stderr
     lines = [line for line in done_c.stderr.splitlines() if line.strip()]

@@ -146,7 +146,8 @@ def build_raw_ingest() -> dg.AssetsDefinition:
                    if not (t.site in newest and t.status == "REJECTED" and t.name < newest[t.site]
                            and transfers.TRANSFER_FOLDER.match(t.name))]
         ingest_findings = findings.combine([
-            findings.from_records([p for t in pending for p in t.problems] + withdrawn),
+            findings.from_records([p for t in pending for p in t.problems] + withdrawn
+                                  + transfers.sites_gone_back(published, all_transfers)),
             findings.from_records([f for t in current for raw in t.files.values() for f in raw.findings]),
         ])
         for name, key in RAW_KEYS.items():

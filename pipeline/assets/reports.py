@@ -128,6 +128,7 @@ def build_report_assets(zone: str) -> dg.AssetsDefinition:
         store.save(PUBLICATION_KEY, published)
         yield dg.MaterializeResult(asset_key=PUBLICATION_KEY, metadata={
             "dagster/row_count": len(published), "dagster/uri": settings.output.root.resolve().as_uri(),
+            "release_uri": settings.output.release_of(context.run_id).resolve().as_uri(),
             "files": markdown_table(published, 100), "rows": dg.MetadataValue.json(summary["rows"]),
             "not_mapped_reasons": dg.MetadataValue.json(summary["not_mapped_reasons"]),
             "records": dg.MetadataValue.json(summary["records"]),

@@ -140,14 +140,12 @@ def _transfers_table(inventory: pd.DataFrame, files: list[str]) -> pd.DataFrame:
 
 
 def _dataset_metadata(dataset: str, frame: pd.DataFrame, lineage: dict, version: str, input_files: list[str],
-                      not_mapped: dict, inventory: pd.DataFrame, file_findings: pd.DataFrame, published,
-                      release) -> dict:
+                      not_mapped: dict, inventory: pd.DataFrame, file_findings: pd.DataFrame, published) -> dict:
     """`input_transfers` lists every raw file the mapping reads (DM reads six), with its sha256.
-    `dagster/uri` is the stable published path, which each night's set replaces; `release_uri` the
-    file this run published, unchanged while it is the current set or the one before."""
+    `dagster/uri` is the stable published path, which each night's set replaces (the set's own,
+    unchanging folder is on reports/publication, the step that names it)."""
     return {
         "dagster/row_count": len(frame), "dagster/uri": (published / f"{dataset}.parquet").as_uri(),
-        "release_uri": (release / f"{dataset}.parquet").as_uri(),
         **column_metadata(dataset, lineage),
         "mapping_file": f"mappings/{dataset.removeprefix('supp') if dataset.startswith('supp') else dataset}.yaml",
         "mapping_version": version,
@@ -194,7 +192,7 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
             checks.append(conformance_spec(sdtm_key(name)))
 
     @dg.multi_asset(name="sdtm_domains", specs=specs, check_specs=checks, can_subset=False)
-    def sdtm_domains(context: dg.AssetExecutionContext, settings: StudySettings, store: AssetStore):
+    def sdtm_domains(settings: StudySettings, store: AssetStore):
         store = store_of(settings, store)
         inputs = {name: store.load(key) for name, key in loads.items()}
         inventory = inputs["transfer_inventory"]
@@ -205,7 +203,6 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
             randomization=inputs.get("randomization"),
             data_cutoff=dict(zip(current["SITEID"] + "/" + current["TRANSFER"], current["data_cutoff"])))
         published = settings.output.root.resolve() / "sdtm"
-        release = settings.output.release_of(context.run_id).resolve() / "sdtm"
         subjects = None
         built: list[BuiltDataset] = []
         for mapping in mappings:
@@ -224,7 +221,7 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
                 built.append(BuiltDataset(name, frame, conformance_result(
                     sdtm_key(name), name, frame, None if name == "dm" else subjects), _dataset_metadata(
                     name, frame, lineage, versions[dataset], input_files[dataset], not_mapped, inventory,
-                    file_findings, published, release)))
+                    file_findings, published)))
         yield from refuse_nonconformant([b.check for b in built])
         for dataset in built:
             store.save(sdtm_key(dataset.name), dataset.frame)
