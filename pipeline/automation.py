@@ -115,6 +115,13 @@ def failure_guidance(message: str) -> str:
     if "RandomizationFileError" in text:
         return ("The IWRS list (unblinded/randomization.csv) cannot be used as it is: have it exported again as the "
                 "reason says, then rerun. The previous outputs are unchanged.")
+    if "MixedInputsError" in text or "would mix" in text:
+        return ("Part of the job was materialized without the rest (a subset in the UI), so the outputs would mix "
+                "two inputs or code versions: launch the whole mesae_nightly job (or mesae run). The previous "
+                "outputs are unchanged.")
+    if "is not the run's output folder" in text:
+        return ("settings.output_dir and store.output_dir name different folders in the run's config: set both to "
+                "the same output folder (the code location's defaults do). The previous outputs are unchanged.")
     if "DagsterExecutionInterruptedError" in text or "KeyboardInterrupt" in text:
         return "The run was interrupted (Ctrl-C, or terminated from the UI). The previous outputs are unchanged; " \
                "run again when ready."

@@ -167,20 +167,16 @@ def unusable_instance(home: Path, error: BaseException) -> UsageError:
 
 def preflight(exports: Path, output: Path, zone: str, home: Path, sites_withdrawn: list[str] = ()) -> None:
     """Everything that makes an invocation unusable, checked before Dagster starts (exit 2)."""
-    from pipeline.transfers import RANDOMIZATION_PATH, ExportsRootError, has_site_folders, list_transfers
+    from pipeline.transfers import (RANDOMIZATION_PATH, ExportsRootError, check_exports_root, list_transfers,
+                                    unknown_withdrawals)
 
     try:
         listing = list_transfers(exports)
-        # A site to withdraw that neither the published set nor the exports know withdraws nothing:
-        # a typo, or the flag kept after the night it was needed (a cron line). Said, not refused.
-        known = set(OutputFolder(output, zone).published_inputs()) | {t.site for t in listing}
-        unknown = sorted(set(sites_withdrawn) - known)
+        # Said, not refused: a flag kept in a cron line after the night it was needed is harmless.
+        unknown = unknown_withdrawals(sites_withdrawn, OutputFolder(output, zone).published_inputs(), listing)
         if unknown:
-            print(f"mesae: --without-site {' '.join(unknown)}: no such site in the published set or the exports "
-                  f"(sites known: {', '.join(sorted(known)) or 'none'}); nothing to withdraw", file=sys.stderr)
-        if not has_site_folders(exports):   # a wrong --exports would publish an empty set over good outputs
-            raise UsageError(f"exports folder {exports} has no site-XX folder; expected the folder that holds "
-                             "site-01/, site-02/ ... (nothing was run)")
+            print(f"mesae: {unknown}", file=sys.stderr)
+        check_exports_root(exports)
     except ExportsRootError as error:
         raise UsageError(str(error)) from None
     if zone == "unblinded":
@@ -208,6 +204,7 @@ def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: fl
     warnings.filterwarnings("ignore")
     import dagster as dg
 
+    from pipeline import metadata
     from pipeline.automation import ScheduleSettingError, failure_guidance
     from pipeline.resources import ZoneError, check_instance_zone
 
@@ -233,7 +230,9 @@ def execute(exports: Path, output: Path, zone: str, home: Path, lock_timeout: fl
         try:
             close_abandoned_runs(instance)
             result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET,
-                                            tags={"mesae/source": "cli", **this_process()})
+                                            tags={"mesae/source": "cli", **this_process(),
+                                                  "mesae/code_version": metadata.code_version(),
+                                                  "mesae/exports": str(exports.absolute())})
         except (OSError, SQLAlchemyError) as error:
             print(f"mesae: run failed: {instance_problem(home, error)}; the published outputs are unchanged",
                   file=sys.stderr)

@@ -18,7 +18,6 @@ from pipeline.assets.raw import build_randomization_asset, build_raw_ingest, sit
 from pipeline.assets.reports import build_report_assets
 from pipeline.assets.sdtm import build_sdtm_assets
 from pipeline.assets.validated import build_validation_asset
-from pipeline import metadata
 from pipeline.automation import build_schedule, build_sensor, failure_guidance_sensor
 from pipeline.garbage_collection import tune_for_pipeline_process
 from pipeline.output_folder import zone_from_environment
@@ -43,13 +42,13 @@ def build_definitions(exports: str | Path, output: str | Path, zone: str = "blin
     # The job observes the exports first (a step of its own): each raw materialization then records
     # the exports' data version it read, and the UI flags raw/* stale only when a site sends data.
     exports, output = str(Path(exports).absolute()), str(Path(output).absolute())
-    # Every run of the job, from the CLI, the schedule, the sensor or the UI, names its zone, the
-    # code version run.json records and the exports it reads.
+    # The zone is code; the code version and exports a run used are recorded by the run itself
+    # (reports/publication), as the launchpad can change the folders and a run process loads the
+    # metadata afresh.
     job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.all(include_sources=True),
                               executor_def=dg.in_process_executor,
                               description=f"Every asset of the {zone} zone: ingest, validate, map, publish.",
-                              tags={"mesae/zone": zone, "mesae/code_version": metadata.code_version(),
-                                    "mesae/exports": exports})
+                              tags={"mesae/zone": zone})
     return dg.Definitions(
         assets=assets, jobs=[job],
         schedules=[build_schedule(job)], sensors=[build_sensor(job, exports), failure_guidance_sensor],

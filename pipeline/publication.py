@@ -86,7 +86,36 @@ def check_one_input_set(sdtm: dict[str, pd.DataFrame], quarantine: pd.DataFrame,
     if stale:
         raise MixedInputsError(
             "the outputs would mix transfers: " + "; ".join(stale[:5]) + f" (current: {sorted(allowed)}); "
-            "materialize the whole job (mesae run) instead of reports/* alone")
+            "materialize the whole job (mesae run, or mesae_nightly in the UI) instead of reports/* alone")
+
+
+INPUT_SET_ATTR = "input_set"   # key of the digest of the raw files a stored value was built from
+
+
+def input_set_of(inventory: pd.DataFrame) -> str:
+    """Digest of the CURRENT transfers' files (site, transfer, sha256 of each file): what the raw
+    step read. A same-name re-send with other bytes is another input set."""
+    current = inventory[inventory["STATUS"] == "CURRENT"].sort_values(["SITEID", "TRANSFER"])
+    text = "\n".join(f"{s}/{t}/{sha}" for s, t, sha in zip(current["SITEID"], current["TRANSFER"],
+                                                           current["file_sha256"]))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def one_input_set(frames: dict[str, pd.DataFrame]) -> str:
+    """The input set the given stored values were all built from. Steps stamp what they store with
+    it, so that a partial re-materialization (raw/* after a same-name re-send, then reports/*)
+    cannot publish datasets of the old files beside the new files' checksums."""
+    stamps = {name: frame.attrs.get(INPUT_SET_ATTR) for name, frame in frames.items()}
+    if len(set(stamps.values())) > 1:
+        groups: dict[str, list[str]] = {}
+        for name, stamp in sorted(stamps.items()):
+            groups.setdefault(str(stamp), []).append(name)
+        raise MixedInputsError(
+            "the outputs would mix values built from different transfer files: "
+            + "; ".join(f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''} from input set {stamp}"
+                        for stamp, names in groups.items())
+            + "; materialize the whole job (mesae run, or mesae_nightly in the UI) instead of part of it")
+    return next(iter(stamps.values()), None)
 
 
 def check_one_code_version(frames: dict[str, pd.DataFrame], version: str) -> None:
@@ -98,7 +127,8 @@ def check_one_code_version(frames: dict[str, pd.DataFrame], version: str) -> Non
     if other:
         raise MixedInputsError(
             f"the outputs would mix code versions: {', '.join(other[:5])} built by another version than this "
-            f"run's {version}; materialize the whole job (mesae run) instead of reports/* alone")
+            f"run's {version}; materialize the whole job (mesae run, or mesae_nightly in the UI) instead of "
+            "reports/* alone")
 
 
 def _variables(labels: dict[str, str], types: dict[str, str] | None = None) -> list[dict]:

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
@@ -18,7 +19,7 @@ from pydantic import ConfigDict, PrivateAttr
 
 from pipeline import metadata
 from pipeline.output_folder import STALE_SUFFIX, OutputFolder, asset_store, zones_around
-from pipeline.transfers import ExportsRootError
+from pipeline.transfers import ExportsRootError, check_exports_root
 
 INSTANCE_ZONE_MARKER = "mesae-zone"
 ZONE_KEY = "mesae/zone"
@@ -26,6 +27,10 @@ ZONE_KEY = "mesae/zone"
 
 class ZoneError(Exception):
     """The Dagster instance or output folder belongs to the other blinding zone."""
+
+
+class StoreFolderError(Exception):
+    """The asset store's folder is not the run's output folder (two launchpad fields set apart)."""
 
 
 def check_instance_zone(instance, zone: str) -> None:
@@ -91,6 +96,10 @@ class StudySettings(ZonedResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         if not self.exports.is_dir():
             raise ExportsRootError(f"exports folder {self.exports} does not exist or is not a folder")
+        check_exports_root(self.exports)
+        malformed = [site for site in self.sites_withdrawn if not re.fullmatch(r"[0-9]{2}", site)]
+        if malformed:
+            raise ValueError(f"sites_withdrawn {malformed} are not SITEIDs; expected two digits, e.g. '03'")
         if context.instance is not None:
             check_instance_zone(context.instance, self.zone)
         folder = self.output
@@ -144,11 +153,11 @@ class AssetStore(ZonedResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         OutputFolder(Path(self.output_dir), self.zone).check_zone()
 
-    def _path(self, key: dg.AssetKey) -> Path:
+    def path_of(self, key: dg.AssetKey) -> Path:
         return asset_store(Path(self.output_dir)).joinpath(*key.path).with_suffix(".arrow")
 
     def save(self, key: dg.AssetKey, frame: pd.DataFrame) -> None:
-        path = self._path(key)
+        path = self.path_of(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pandas(frame, preserve_index=False)
         attrs = json.dumps({**frame.attrs, metadata.CODE_VERSION_ATTR: metadata.code_version()}, sort_keys=True,
@@ -174,7 +183,7 @@ class AssetStore(ZonedResource):
         self._discards.clear()
 
     def load(self, key: dg.AssetKey) -> pd.DataFrame:
-        path = self._path(key)
+        path = self.path_of(key)
         if not path.exists():
             raise dg.Failure(f"{key.to_user_string()} has not been materialized for this output folder yet; "
                              "materialize it (or the whole job) first")
@@ -198,6 +207,6 @@ def store_of(settings: StudySettings, store: AssetStore) -> AssetStore:
     (zone, not inside the exports or another output folder) it then shares: its folder can be
     set in run config apart from the settings', and a stash in the exports root took the arms."""
     if Path(store.output_dir).resolve() != Path(settings.output_dir).resolve():
-        raise ZoneError(f"the asset store's folder {store.output_dir} is not the run's output folder "
+        raise StoreFolderError(f"the asset store's folder {store.output_dir} is not the run's output folder "
                         f"{settings.output_dir}; set both to the same folder")
     return store

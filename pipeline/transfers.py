@@ -97,6 +97,17 @@ def withdrawals(published: dict[str, dict], transfers: list[Transfer], withdrawn
                             detail=published[site].get("transfer")) for site in sorted(set(withdrawn) & set(published))]
 
 
+def unknown_withdrawals(withdrawn: list[str], published: dict[str, dict], listing: list[Transfer]) -> str | None:
+    """What to say when a site to withdraw is neither in the published set nor in the exports: it
+    withdraws nothing (a typo, or the flag kept after the night it was needed)."""
+    known = set(published) | {t.site for t in listing}
+    unknown = sorted(set(withdrawn) - known)
+    if not unknown:
+        return None
+    return (f"--without-site {' '.join(unknown)}: no such site in the published set or the exports (sites known: "
+            f"{', '.join(sorted(s for s in known if s)) or 'none'}); nothing to withdraw")
+
+
 def sites_gone_back(published: dict[str, dict], transfers: list[Transfer]) -> list[dict]:
     """TRF-SITE-BACK for each site whose current transfer is older than the one last published:
     that folder was deleted, or is rejected now, or the exports root is an older copy. Records
@@ -179,6 +190,14 @@ def misnamed_site_folders(root: Path) -> list[Transfer]:
 
 def has_site_folders(root: Path) -> bool:
     return any(SITE_FOLDER.fullmatch(name) and (root / name).is_dir() for name in _root_entries(root))
+
+
+def check_exports_root(root: Path) -> None:
+    """Refuses an exports root without any site-XX folder: a wrong path, or an empty mount point,
+    would publish an empty set (a first night) or fail as if every site had vanished."""
+    if not has_site_folders(root):
+        raise ExportsRootError(f"exports folder {root} has no site-XX folder; expected the folder that holds "
+                               "site-01/, site-02/ ... (nothing was run)")
 
 
 def _valid_folder_time(name: str) -> bool:

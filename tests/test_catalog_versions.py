@@ -145,3 +145,60 @@ def test_materialize_all_without_the_observation_records_the_exports_it_read(nig
         observed = instance.get_latest_data_version_record(EXPORTS)
         assert observed.asset_observation.tags["dagster/data_version"] == read
         assert observed.run_id == result.run_id
+
+
+def _resend_same_folder_with_an_edit(exports: Path, site: str) -> str:
+    """The site re-sends its current transfer under the same folder name with one lab result
+    changed slightly (manifest sha256 updated, as the spec asks). Returns the new result."""
+    import csv
+    import io
+
+    transfer = sorted(p for p in (exports / f"site-{site}").iterdir() if p.is_dir())[-1]
+    manifest = json.loads((transfer / "manifest.json").read_text(encoding="utf-8-sig"))
+    codec = "gb18030" if manifest["encoding"].lower() == "gb18030" else "utf-8"
+    data = (transfer / "lb.csv").read_bytes()
+    bom = data.startswith(b"\xef\xbb\xbf")
+    records = list(csv.reader(io.StringIO(data.decode("utf-8-sig" if codec == "utf-8" else codec), newline="")))
+    column = [h.strip().upper() for h in records[0]].index("LBORRES")
+    row = next(i for i, r in enumerate(records[1:], 1) if r[column].replace(".", "", 1).isdigit())
+    value = records[row][column] + ("1" if "." in records[row][column] else ".1")
+    records[row][column] = value
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer, lineterminator="\r\n" if b"\r\n" in data else "\n").writerows(records)
+    data = (b"\xef\xbb\xbf" if bom else b"") + buffer.getvalue().encode(codec)
+    (transfer / "lb.csv").write_bytes(data)
+    manifest["files"]["lb.csv"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (transfer / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return value
+
+
+def test_a_partial_rematerialization_cannot_publish_old_datasets_with_new_checksums(tmp_path):
+    """A same-name re-send with other bytes, then raw/* and reports/* alone in the UI: the SDTM
+    datasets of the old files would be published beside the new files' sha256 (run.json, lineage),
+    and trace would certify the wrong file. Every stored value carries the input set it was built
+    from; publication refuses a mix. The whole job then publishes the new value."""
+    import pandas as pd
+
+    from pipeline.synthetic_trial import generate_trial
+
+    exports, output, home = tmp_path / "exports", tmp_path / "output", tmp_path / "home"
+    generate_trial(exports, subjects=5, transfers=1)
+    assert run_cli("run", "--exports", str(exports), "--output", str(output), home=home) == 0
+    before = {p.relative_to(output): p.read_bytes() for p in output.glob("*/*.parquet")}
+    value = _resend_same_folder_with_an_edit(exports, "02")
+    defs = build_definitions(exports, output)
+    graph = defs.resolve_asset_graph()
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    job = defs.resolve_job_def(JOB_NAME)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for layer, succeeds in (("raw", True), ("reports", False)):
+            keys = [k for k in graph.materializable_asset_keys if k.path[0] == layer]
+            result = job.execute_in_process(instance=instance, asset_selection=keys, run_config=quiet,
+                                            raise_on_error=False)
+            assert result.success == succeeds, layer
+    error = result.get_step_failure_events()[0].event_specific_data.error
+    assert "would mix values built from different transfer files" in str(error.cause or error)
+    assert {p.relative_to(output): p.read_bytes() for p in output.glob("*/*.parquet")} == before
+    assert run_cli("run", "--exports", str(exports), "--output", str(output), home=home) == 0
+    lb = pd.read_parquet(output / "sdtm" / "lb.parquet")
+    assert value in set(lb.loc[lb["USUBJID"].str.startswith("MESAE-02-"), "LBORRES"].dropna())

@@ -19,6 +19,7 @@ from functools import cache
 from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -102,9 +103,13 @@ def test_row_count_and_uri_are_the_published_files(run, instance, materializatio
     metadata = materializations[dataset].metadata
     path = run.output / "sdtm" / f"{dataset}.parquet"
     assert metadata["dagster/row_count"].value == pq.ParquetFile(path).metadata.num_rows
-    # The stable published path (output/sdtm is swapped atomically to each new release), not
-    # the release folder it points at today, which the next run replaces.
-    assert metadata["dagster/uri"].value == (run.output.resolve() / "sdtm" / f"{dataset}.parquet").as_uri()
+    # The value the materialization stored (what its row count counts, also when a later step
+    # fails and nothing is published), and the stable path it was published as.
+    stored = (run.output / ".mesae" / "assets" / "sdtm" / f"{dataset}.arrow").resolve()
+    assert metadata["dagster/uri"].value == stored.as_uri()
+    with pa.memory_map(str(stored)) as source:
+        assert pa.ipc.open_file(source).read_all().num_rows == metadata["dagster/row_count"].value
+    assert metadata["published_as"].value == (run.output.resolve() / "sdtm" / f"{dataset}.parquet").as_uri()
     # The publication names the set's own folder, which the next run leaves as it is.
     publication = instance.get_latest_materialization_event(dg.AssetKey(["reports", "publication"]))
     release = (run.output / ".mesae" / "releases" / publication.run_id).resolve()

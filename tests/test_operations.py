@@ -358,6 +358,41 @@ def test_a_summary_that_cannot_be_written_does_not_fail_a_published_run(tmp_path
     assert "Broken pipe" in err and "Traceback" not in err
 
 
+def test_guidance_for_launchpad_mistakes():
+    """Config or subsets that only the UI can produce get their own advice, not "rerun" (which
+    fails again) nor the other zone's (the folders' mismatch is no zone matter)."""
+    from pipeline.resources import StoreFolderError
+
+    store = failure_guidance(f"{StoreFolderError.__name__}: the asset store's folder /a is not the run's output "
+                             "folder /b; set both to the same folder")
+    assert "settings.output_dir and store.output_dir" in store and "blinding zone" not in store
+    mixed = failure_guidance("MixedInputsError: the outputs would mix values built from different transfer files: x")
+    assert "whole mesae_nightly job" in mixed and "then rerun" not in mixed
+
+
+@pytest.mark.parametrize("exports_entries, withdrawn, message", [
+    ([], [], "has no site-XX folder"),                                  # an empty mount point
+    (["site-01"], ["3"], "sites_withdrawn ['3'] are not SITEIDs"),
+    (["site-01"], ["site-03"], "are not SITEIDs"),
+])
+def test_the_settings_refuse_what_mesae_run_refuses(tmp_path, exports_entries, withdrawn, message):
+    """Runs of the schedule, sensor and launchpad go through the settings resource, not the CLI's
+    checks: an exports root without a site folder published an empty set on a first night."""
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    for entry in exports_entries:
+        (exports / entry).mkdir()
+    defs = build_definitions(exports, tmp_path / "out", sites_withdrawn=withdrawn)
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    result = defs.resolve_job_def(JOB_NAME).execute_in_process(instance=dg.DagsterInstance.ephemeral(),
+                                                               raise_on_error=False, run_config=quiet)
+    assert not result.success
+    events = [e for e in result.all_events if e.event_type in (dg.DagsterEventType.RESOURCE_INIT_FAILURE,
+                                                                dg.DagsterEventType.STEP_FAILURE)]
+    assert any(message in str(e.event_specific_data.error) for e in events), events
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
 def test_guidance_for_an_interrupted_run():
     assert "interrupted" in failure_guidance("DagsterExecutionInterruptedError: dagster._core.errors."
                                              "DagsterExecutionInterruptedError")

@@ -78,8 +78,9 @@ def refuse_nonconformant(results: list[dg.AssetCheckResult]):
     """When a conformance result failed: yields the failed results, so that the check's history
     records them, and then fails the step, before anything is stored. Dagster points an evaluation
     at the asset's newest materialization, which is the published dataset, not the one that
-    failed: the description says so. The passing datasets of a blocked run are not recorded, so
-    their history keeps describing what is published."""
+    failed: the description says so. The passing datasets of a blocked run get no evaluation (the
+    UI shows their check as not executed in that run); their last evaluation is still the one of
+    what is published."""
     failed = [r for r in results if not r.passed]
     if failed:
         for result in failed:

@@ -16,6 +16,7 @@ import pandas as pd
 from pipeline import findings, metadata, transfers
 from pipeline.assets.checks import transfers_result, transfers_spec
 from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema, markdown_table
+from pipeline.publication import INPUT_SET_ATTR, input_set_of
 from pipeline.resources import AssetStore, StudySettings, store_of
 
 EXPORTS_KEY = dg.AssetKey(["exports", "site_transfers"])
@@ -129,6 +130,9 @@ def build_raw_ingest() -> dg.AssetsDefinition:
         known.save()
         published = settings.output.published_inputs()
         withdrawn = transfers.withdrawals(published, all_transfers, settings.sites_withdrawn)
+        unknown = transfers.unknown_withdrawals(settings.sites_withdrawn, published, all_transfers)
+        if unknown:
+            context.log.warning(unknown)
         gone = transfers.sites_gone(published, all_transfers, settings.sites_withdrawn)
         if gone:
             flags = " ".join(f"--without-site {site}" for site in gone)
@@ -150,10 +154,14 @@ def build_raw_ingest() -> dg.AssetsDefinition:
                                   + transfers.sites_gone_back(published, all_transfers)),
             findings.from_records([f for t in current for raw in t.files.values() for f in raw.findings]),
         ])
+        stamp = {INPUT_SET_ATTR: input_set_of(inventory)}
+        inventory.attrs.update(stamp)
+        ingest_findings.attrs.update(stamp)
         for name, key in RAW_KEYS.items():
             file = metadata.raw_schema(name)["file"]
             parts = [t.files[file].data for t in current]
             frame = transfers.stack_transfers(parts) if parts else empty_raw_frame(name)
+            frame.attrs.update(stamp)
             store.save(key, frame)
             per_site = pd.DataFrame([{"site": t.site, "transfer": t.name, "rows": t.files[file].rows,
                                       "sha256": t.files[file].sha256} for t in current])

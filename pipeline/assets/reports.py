@@ -18,7 +18,7 @@ from pipeline.assets.raw import INGEST_FINDINGS_KEY, INVENTORY_KEY, RANDOMIZATIO
 from pipeline.assets.sdtm import sdtm_key
 from pipeline.mapping_engine import column_lineage, qualifier_lineage
 from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RANDOMIZATION_KEY
-from pipeline.publication import check_one_code_version, publish_outputs
+from pipeline.publication import check_one_code_version, one_input_set, publish_outputs
 from pipeline.resources import AssetStore, StudySettings, store_of
 from pipeline.sdtm_datasets import dataset_schema, sdtm_datasets
 from pipeline.validation import protocol_ranges
@@ -92,6 +92,7 @@ def build_report_assets(zone: str) -> dg.AssetsDefinition:
         loaded = {key: store.load(key) for key in [*sdtm_keys, VALIDATED_KEYS["enrol"], INGEST_FINDINGS_KEY,
                                                    FINDINGS_KEY, INVENTORY_KEY, *randomization]}
         check_one_code_version({key.to_user_string(): frame for key, frame in loaded.items()}, metadata.code_version())
+        one_input_set({key.to_user_string(): frame for key, frame in loaded.items() if key != RANDOMIZATION_KEY})
         sdtm = {d: loaded[sdtm_key(d)] for d in datasets}
         protocol_findings, listing = protocol_ranges.evaluate(protocol_ranges.prepare_frames(
             sdtm["dm"], sdtm["lb"], sdtm["qs"], sdtm["ex"], loaded[VALIDATED_KEYS["enrol"]]))
@@ -129,6 +130,7 @@ def build_report_assets(zone: str) -> dg.AssetsDefinition:
         yield dg.MaterializeResult(asset_key=PUBLICATION_KEY, metadata={
             "dagster/row_count": len(published), "dagster/uri": settings.output.root.resolve().as_uri(),
             "release_uri": settings.output.release_of(context.run_id).resolve().as_uri(),
+            "code_version": summary["code_version"], "exports": str(settings.exports.absolute()),
             "files": markdown_table(published, 100), "rows": dg.MetadataValue.json(summary["rows"]),
             "not_mapped_reasons": dg.MetadataValue.json(summary["not_mapped_reasons"]),
             "records": dg.MetadataValue.json(summary["records"]),

@@ -23,6 +23,7 @@ from pipeline.derivations.iso_dates import site_date_to_iso
 from pipeline.derivations.visits import unscheduled_visit_numbers
 from pipeline.mapping_engine import (UNBLINDED_SOURCES, MappingInputs, check_mapping, column_lineage, map_domain,
                                      qualifier_lineage)
+from pipeline.publication import INPUT_SET_ATTR, one_input_set
 from pipeline.resources import AssetStore, StudySettings, store_of
 from pipeline.sdtm_datasets import arrow_type, dataset_schema
 
@@ -140,12 +141,15 @@ def _transfers_table(inventory: pd.DataFrame, files: list[str]) -> pd.DataFrame:
 
 
 def _dataset_metadata(dataset: str, frame: pd.DataFrame, lineage: dict, version: str, input_files: list[str],
-                      not_mapped: dict, inventory: pd.DataFrame, file_findings: pd.DataFrame, published) -> dict:
+                      not_mapped: dict, inventory: pd.DataFrame, file_findings: pd.DataFrame, published,
+                      stored) -> dict:
     """`input_transfers` lists every raw file the mapping reads (DM reads six), with its sha256.
-    `dagster/uri` is the stable published path, which each night's set replaces (the set's own,
-    unchanging folder is on reports/publication, the step that names it)."""
+    `dagster/uri` is the value this materialization stored, which `dagster/row_count` counts; it
+    is published as `published_as` only when the run's publication passes (reports/publication
+    names the set's own folder), so a run that fails later leaves the catalog true."""
     return {
-        "dagster/row_count": len(frame), "dagster/uri": (published / f"{dataset}.parquet").as_uri(),
+        "dagster/row_count": len(frame), "dagster/uri": stored.as_uri(),
+        "published_as": (published / f"{dataset}.parquet").as_uri(),
         **column_metadata(dataset, lineage),
         "mapping_file": f"mappings/{dataset.removeprefix('supp') if dataset.startswith('supp') else dataset}.yaml",
         "mapping_version": version,
@@ -195,6 +199,7 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
     def sdtm_domains(settings: StudySettings, store: AssetStore):
         store = store_of(settings, store)
         inputs = {name: store.load(key) for name, key in loads.items()}
+        input_set = one_input_set(inputs)
         inventory = inputs["transfer_inventory"]
         current = inventory[inventory["STATUS"] == "CURRENT"]
         validated = {k.removeprefix("validated_"): v for k, v in inputs.items() if k.startswith("validated_")}
@@ -217,11 +222,12 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
             if supplemental:
                 produced.append((supplemental["dataset"], mapped.supplemental, _supp_lineage(mapping, zone), {}))
             for name, frame, lineage, not_mapped in produced:
-                frame.attrs = {"dataset": name, "source_file": source_file, "not_mapped": not_mapped}
+                frame.attrs = {"dataset": name, "source_file": source_file, "not_mapped": not_mapped,
+                               INPUT_SET_ATTR: input_set}
                 built.append(BuiltDataset(name, frame, conformance_result(
                     sdtm_key(name), name, frame, None if name == "dm" else subjects), _dataset_metadata(
                     name, frame, lineage, versions[dataset], input_files[dataset], not_mapped, inventory,
-                    file_findings, published)))
+                    file_findings, published, store.path_of(sdtm_key(name)).resolve())))
         yield from refuse_nonconformant([b.check for b in built])
         for dataset in built:
             store.save(sdtm_key(dataset.name), dataset.frame)

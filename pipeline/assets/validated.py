@@ -14,6 +14,7 @@ from pipeline.assets.checks import raw_contract_result, raw_contract_spec
 from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema
 from pipeline.assets.raw import RAW_KEYS, RANDOMIZATION_KEY, raw_column_schema
 from pipeline.validation import randomization as iwrs
+from pipeline.publication import INPUT_SET_ATTR, one_input_set
 from pipeline.resources import AssetStore, StudySettings, store_of
 from pipeline.validation.raw_contract import validate_raw
 
@@ -42,6 +43,7 @@ def build_validation_asset(zone: str) -> dg.AssetsDefinition:
     def raw_contract_validation(settings: StudySettings, store: AssetStore):
         store = store_of(settings, store)
         raw = {name: store.load(key) for name, key in RAW_KEYS.items()}
+        stamp = {INPUT_SET_ATTR: one_input_set({RAW_KEYS[name].to_user_string(): frame for name, frame in raw.items()})}
         validated, raw_findings = validate_raw(raw)
         extra = []
         if zone == "unblinded":
@@ -50,10 +52,12 @@ def build_validation_asset(zone: str) -> dg.AssetsDefinition:
         all_findings = findings.combine([raw_findings, *extra])
         for name, key in VALIDATED_KEYS.items():
             frame = validated[name].reset_index(drop=True)
+            frame.attrs.update(stamp)
             store.save(key, frame)
             yield dg.MaterializeResult(asset_key=key, metadata={
                 "dagster/row_count": len(frame), "dagster/column_schema": raw_column_schema(name),
                 "held_back": int(len(raw[name]) - len(frame))})
+        all_findings.attrs.update(stamp)
         store.save(FINDINGS_KEY, all_findings)
         yield dg.MaterializeResult(asset_key=FINDINGS_KEY, metadata={
             "dagster/row_count": len(all_findings), "dagster/column_schema": findings_table_schema(),
@@ -61,6 +65,7 @@ def build_validation_asset(zone: str) -> dg.AssetsDefinition:
         for name in metadata.RAW_FILES:
             yield raw_contract_result(VALIDATED_KEYS[name], metadata.raw_schema(name)["file"], all_findings)
         if zone == "unblinded":
+            reconciled.attrs.update(stamp)
             store.save(VALIDATED_RANDOMIZATION_KEY, reconciled)
             yield dg.MaterializeResult(asset_key=VALIDATED_RANDOMIZATION_KEY,
                                        metadata={"dagster/row_count": len(reconciled)})
