@@ -119,6 +119,9 @@ def failure_guidance(message: str) -> str:
         return ("Part of the job was materialized without the rest (a subset in the UI), so the outputs would mix "
                 "two inputs or code versions: launch the whole mesae_nightly job (or mesae run). The previous "
                 "outputs are unchanged.")
+    if "are not SITEIDs" in text:
+        return ("settings.sites_withdrawn takes two-digit SITEIDs such as '03': correct the value in the run's "
+                "config. The previous outputs are unchanged.")
     if "is not the run's output folder" in text:
         return ("settings.output_dir and store.output_dir name different folders in the run's config: set both to "
                 "the same output folder (the code location's defaults do). The previous outputs are unchanged.")

@@ -30,6 +30,7 @@ from pathlib import Path
 ZONES = ("blinded", "unblinded")
 PUBLISHED_ENTRIES = ("sdtm", "quarantine.parquet", "transfers.parquet", "run.json", "lineage", "reports")
 STATE = ".mesae"
+INSTANCE_ZONE_MARKER = "mesae-zone"   # in a Dagster instance folder: the zone whose runs it records
 
 
 ZONE_ENV = "MESAE_UNBLINDED"
@@ -158,7 +159,8 @@ class OutputFolder:
         """Entries a folder may hold before mesae first publishes there: hidden ones (.DS_Store), a
         volume's lost+found, a Dagster instance (DAGSTER_HOME inside the output folder), and
         mesae's own published links, left when its state folder was deleted."""
-        return (entry.name.startswith(".") or entry.name == "lost+found" or (entry / "dagster.yaml").is_file()
+        return (entry.name.startswith(".") or entry.name == "lost+found"
+                or any((entry / marker).is_file() for marker in ("dagster.yaml", INSTANCE_ZONE_MARKER))
                 or (entry.name in (*PUBLISHED_ENTRIES, "current") and entry.is_symlink()))
 
     def _inner_output_folder(self) -> tuple[Path, str] | None:

@@ -90,6 +90,7 @@ def check_one_input_set(sdtm: dict[str, pd.DataFrame], quarantine: pd.DataFrame,
 
 
 INPUT_SET_ATTR = "input_set"   # key of the digest of the raw files a stored value was built from
+RANDOMIZATION_ATTR = "randomization_sha256"   # the IWRS list an unblinded value was built from
 
 
 def input_set_of(inventory: pd.DataFrame) -> str:
@@ -101,18 +102,20 @@ def input_set_of(inventory: pd.DataFrame) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def one_input_set(frames: dict[str, pd.DataFrame]) -> str:
+def one_input_set(frames: dict[str, pd.DataFrame], attr: str = INPUT_SET_ATTR) -> str:
     """The input set the given stored values were all built from. Steps stamp what they store with
     it, so that a partial re-materialization (raw/* after a same-name re-send, then reports/*)
-    cannot publish datasets of the old files beside the new files' checksums."""
-    stamps = {name: frame.attrs.get(INPUT_SET_ATTR) for name, frame in frames.items()}
+    cannot publish datasets of the old files beside the new files' checksums. In the unblinded
+    zone the IWRS list is stamped and checked the same way (`RANDOMIZATION_ATTR`)."""
+    stamps = {name: frame.attrs.get(attr) for name, frame in frames.items()}
     if len(set(stamps.values())) > 1:
         groups: dict[str, list[str]] = {}
         for name, stamp in sorted(stamps.items()):
             groups.setdefault(str(stamp), []).append(name)
         raise MixedInputsError(
-            "the outputs would mix values built from different transfer files: "
-            + "; ".join(f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''} from input set {stamp}"
+            "the outputs would mix values built from different "
+            + ("IWRS lists: " if attr == RANDOMIZATION_ATTR else "transfer files: ")
+            + "; ".join(f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''} from {stamp}"
                         for stamp, names in groups.items())
             + "; materialize the whole job (mesae run, or mesae_nightly in the UI) instead of part of it")
     return next(iter(stamps.values()), None)

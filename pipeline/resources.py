@@ -18,10 +18,9 @@ import pyarrow as pa
 from pydantic import ConfigDict, PrivateAttr
 
 from pipeline import metadata
-from pipeline.output_folder import STALE_SUFFIX, OutputFolder, asset_store, zones_around
+from pipeline.output_folder import INSTANCE_ZONE_MARKER, STALE_SUFFIX, OutputFolder, asset_store, zones_around
 from pipeline.transfers import ExportsRootError, check_exports_root
 
-INSTANCE_ZONE_MARKER = "mesae-zone"
 ZONE_KEY = "mesae/zone"
 
 

@@ -202,3 +202,41 @@ def test_a_partial_rematerialization_cannot_publish_old_datasets_with_new_checks
     assert run_cli("run", "--exports", str(exports), "--output", str(output), home=home) == 0
     lb = pd.read_parquet(output / "sdtm" / "lb.parquet")
     assert value in set(lb.loc[lb["USUBJID"].str.startswith("MESAE-02-"), "LBORRES"].dropna())
+
+
+def test_a_changed_iwrs_list_cannot_be_published_beside_arms_of_the_old_one(tmp_path):
+    """Unblinded zone: raw/randomization re-materialized after the IWRS list changed, then
+    reports/* alone, published DM arms of the old list under the new list's sha256 in run.json."""
+    import csv
+    import io
+
+    from pipeline.synthetic_trial import generate_trial
+
+    exports, output, home = tmp_path / "exports", tmp_path / "output", tmp_path / "home"
+    generate_trial(exports, subjects=12, transfers=1)
+    assert run_cli("run", "--unblinded", "--exports", str(exports), "--output", str(output), home=home) == 0
+    before = {p.relative_to(output): p.read_bytes() for p in output.glob("*/*.parquet")}
+    path = exports / "unblinded" / "randomization.csv"
+    records = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline="")))
+    header = [h.strip().upper() for h in records[0]]
+    group = header.index("TRTGRP")
+    first = next(i for i, r in enumerate(records[1:], 1) if r[group])
+    second = next(i for i, r in enumerate(records[1:], 1) if r[group] and r[group] != records[first][group])
+    for column in [group, header.index("DOSE")] if "DOSE" in header else [group]:
+        records[first][column], records[second][column] = records[second][column], records[first][column]
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer, lineterminator="\n").writerows(records)
+    path.write_text(buffer.getvalue(), encoding="utf-8")
+    defs = build_definitions(exports, output, "unblinded")
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    job = defs.resolve_job_def(JOB_NAME)
+    keys = defs.resolve_asset_graph().materializable_asset_keys
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for selection, succeeds in (([dg.AssetKey(["raw", "randomization"])], True),
+                                    ([k for k in keys if k.path[0] == "reports"], False)):
+            result = job.execute_in_process(instance=instance, asset_selection=selection, run_config=quiet,
+                                            raise_on_error=False)
+            assert result.success == succeeds, selection
+    error = result.get_step_failure_events()[0].event_specific_data.error
+    assert "would mix values built from different IWRS lists" in str(error.cause or error)
+    assert {p.relative_to(output): p.read_bytes() for p in output.glob("*/*.parquet")} == before

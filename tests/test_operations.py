@@ -334,6 +334,19 @@ def test_a_first_run_into_a_folder_of_other_files_is_refused(tmp_path, capsys):
     assert run_cli(*args, home=home) == 0
 
 
+def test_an_instance_the_ui_made_inside_the_output_folder_is_no_stranger(tmp_path):
+    """`dagster dev` makes no dagster.yaml: its instance folder is known by the zone marker."""
+    write_transfer(tmp_path / "exports", "01", T1, one_subject_trial("01"))
+    output = tmp_path / "out"
+    (output / "ui_home").mkdir(parents=True)
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    with dg.DagsterInstance.from_config(str(output / "ui_home")) as instance:
+        result = build_definitions(tmp_path / "exports", output).resolve_job_def(JOB_NAME).execute_in_process(
+            instance=instance, raise_on_error=False, run_config=quiet)
+    assert result.success and not (output / "ui_home" / "dagster.yaml").exists()
+    assert (output / "run.json").exists()
+
+
 def test_a_summary_that_cannot_be_written_does_not_fail_a_published_run(tmp_path, monkeypatch, capsys):
     """Exit 0 means published: `mesae run | head` (a closed pipe) or stdout on a full disk must not
     turn a published night into exit 1 with a traceback."""
@@ -368,6 +381,8 @@ def test_guidance_for_launchpad_mistakes():
     assert "settings.output_dir and store.output_dir" in store and "blinding zone" not in store
     mixed = failure_guidance("MixedInputsError: the outputs would mix values built from different transfer files: x")
     assert "whole mesae_nightly job" in mixed and "then rerun" not in mixed
+    sites = failure_guidance("ValueError: sites_withdrawn ['3'] are not SITEIDs; expected two digits, e.g. '03'")
+    assert "two-digit SITEIDs" in sites and "then rerun" not in sites
 
 
 @pytest.mark.parametrize("exports_entries, withdrawn, message", [

@@ -16,7 +16,7 @@ import pandas as pd
 from pipeline import findings, metadata, transfers
 from pipeline.assets.checks import transfers_result, transfers_spec
 from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema, markdown_table
-from pipeline.publication import INPUT_SET_ATTR, input_set_of
+from pipeline.publication import INPUT_SET_ATTR, RANDOMIZATION_ATTR, input_set_of
 from pipeline.resources import AssetStore, StudySettings, store_of
 
 EXPORTS_KEY = dg.AssetKey(["exports", "site_transfers"])
@@ -214,7 +214,7 @@ def build_randomization_asset() -> dg.AssetsDefinition:
     def randomization(settings: StudySettings, store: AssetStore) -> dg.MaterializeResult:
         store = store_of(settings, store)
         frame, problems = transfers.read_randomization(settings.exports)
-        frame.attrs["ingest_findings"] = problems
+        frame.attrs.update({"ingest_findings": problems, RANDOMIZATION_ATTR: frame.attrs["sha256"]})
         store.save(RANDOMIZATION_KEY, frame)
         return dg.MaterializeResult(data_version=content_version(code_version, frame.attrs["sha256"]), metadata={
             "dagster/row_count": len(frame), "ingest_findings": len(problems),

@@ -18,7 +18,7 @@ from pipeline.assets.raw import INGEST_FINDINGS_KEY, INVENTORY_KEY, RANDOMIZATIO
 from pipeline.assets.sdtm import sdtm_key
 from pipeline.mapping_engine import column_lineage, qualifier_lineage
 from pipeline.assets.validated import FINDINGS_KEY, VALIDATED_KEYS, VALIDATED_RANDOMIZATION_KEY
-from pipeline.publication import check_one_code_version, one_input_set, publish_outputs
+from pipeline.publication import RANDOMIZATION_ATTR, check_one_code_version, one_input_set, publish_outputs
 from pipeline.resources import AssetStore, StudySettings, store_of
 from pipeline.sdtm_datasets import dataset_schema, sdtm_datasets
 from pipeline.validation import protocol_ranges
@@ -93,6 +93,9 @@ def build_report_assets(zone: str) -> dg.AssetsDefinition:
                                                    FINDINGS_KEY, INVENTORY_KEY, *randomization]}
         check_one_code_version({key.to_user_string(): frame for key, frame in loaded.items()}, metadata.code_version())
         one_input_set({key.to_user_string(): frame for key, frame in loaded.items() if key != RANDOMIZATION_KEY})
+        if randomization:   # the arms published were built from the IWRS list whose sha256 run.json names
+            one_input_set({key.to_user_string(): loaded[key] for key in [*sdtm_keys, *randomization]},
+                          RANDOMIZATION_ATTR)
         sdtm = {d: loaded[sdtm_key(d)] for d in datasets}
         protocol_findings, listing = protocol_ranges.evaluate(protocol_ranges.prepare_frames(
             sdtm["dm"], sdtm["lb"], sdtm["qs"], sdtm["ex"], loaded[VALIDATED_KEYS["enrol"]]))

@@ -23,7 +23,7 @@ from pipeline.derivations.iso_dates import site_date_to_iso
 from pipeline.derivations.visits import unscheduled_visit_numbers
 from pipeline.mapping_engine import (UNBLINDED_SOURCES, MappingInputs, check_mapping, column_lineage, map_domain,
                                      qualifier_lineage)
-from pipeline.publication import INPUT_SET_ATTR, one_input_set
+from pipeline.publication import INPUT_SET_ATTR, RANDOMIZATION_ATTR, one_input_set
 from pipeline.resources import AssetStore, StudySettings, store_of
 from pipeline.sdtm_datasets import arrow_type, dataset_schema
 
@@ -199,7 +199,11 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
     def sdtm_domains(settings: StudySettings, store: AssetStore):
         store = store_of(settings, store)
         inputs = {name: store.load(key) for name, key in loads.items()}
-        input_set = one_input_set(inputs)
+        stamp = {INPUT_SET_ATTR: one_input_set(inputs)}
+        if zone == "unblinded":   # DM's arms and EX's doses come from the IWRS list
+            stamp[RANDOMIZATION_ATTR] = one_input_set(
+                {k: v for k, v in inputs.items() if k.startswith("validated_") or k == "randomization"},
+                RANDOMIZATION_ATTR)
         inventory = inputs["transfer_inventory"]
         current = inventory[inventory["STATUS"] == "CURRENT"]
         validated = {k.removeprefix("validated_"): v for k, v in inputs.items() if k.startswith("validated_")}
@@ -222,8 +226,7 @@ def build_sdtm_assets(zone: str) -> dg.AssetsDefinition:
             if supplemental:
                 produced.append((supplemental["dataset"], mapped.supplemental, _supp_lineage(mapping, zone), {}))
             for name, frame, lineage, not_mapped in produced:
-                frame.attrs = {"dataset": name, "source_file": source_file, "not_mapped": not_mapped,
-                               INPUT_SET_ATTR: input_set}
+                frame.attrs = {"dataset": name, "source_file": source_file, "not_mapped": not_mapped, **stamp}
                 built.append(BuiltDataset(name, frame, conformance_result(
                     sdtm_key(name), name, frame, None if name == "dm" else subjects), _dataset_metadata(
                     name, frame, lineage, versions[dataset], input_files[dataset], not_mapped, inventory,

@@ -14,7 +14,7 @@ from pipeline.assets.checks import raw_contract_result, raw_contract_spec
 from pipeline.assets.common import OWNERS, findings_counts, findings_table_schema
 from pipeline.assets.raw import RAW_KEYS, RANDOMIZATION_KEY, raw_column_schema
 from pipeline.validation import randomization as iwrs
-from pipeline.publication import INPUT_SET_ATTR, one_input_set
+from pipeline.publication import INPUT_SET_ATTR, RANDOMIZATION_ATTR, one_input_set
 from pipeline.resources import AssetStore, StudySettings, store_of
 from pipeline.validation.raw_contract import validate_raw
 
@@ -47,7 +47,9 @@ def build_validation_asset(zone: str) -> dg.AssetsDefinition:
         validated, raw_findings = validate_raw(raw)
         extra = []
         if zone == "unblinded":
-            validated, reconciled, randomization_findings = iwrs.reconcile(store.load(RANDOMIZATION_KEY), validated)
+            iwrs_list = store.load(RANDOMIZATION_KEY)
+            stamp[RANDOMIZATION_ATTR] = iwrs_list.attrs.get(RANDOMIZATION_ATTR)
+            validated, reconciled, randomization_findings = iwrs.reconcile(iwrs_list, validated)
             extra.append(randomization_findings)
         all_findings = findings.combine([raw_findings, *extra])
         for name, key in VALIDATED_KEYS.items():
