@@ -106,50 +106,63 @@ def build_schedule(job: dg.JobDefinition) -> dg.ScheduleDefinition:
 ZONE_MISMATCH = re.compile(r"ZoneError|holds (un)?blinded outputs|serves the (un)?blinded zone")
 
 
+# (words of a failure message, what to do), first match wins; the order puts specific causes
+# before the broader words of others.
+GUIDANCE = [
+    (("sdtm_conformance", "AccountingError", "row accounting"),
+     "The outputs failed a conformance check or row accounting: this is a pipeline bug, not a data problem. The "
+     "previous outputs are unchanged. Send the run id to the pipeline team."),
+    (("RandomizationFileError",),
+     "The IWRS list (unblinded/randomization.csv) cannot be used as it is: have it exported again as the reason "
+     "says, then rerun. The previous outputs are unchanged."),
+    (("MixedInputsError", "would mix"),
+     "Part of the job was materialized without the rest (a subset in the UI), so the outputs would mix two inputs "
+     "or code versions: launch the whole mesae_nightly job (or mesae run). The previous outputs are unchanged."),
+    (("are not SITEIDs",),
+     "settings.sites_withdrawn takes two-digit SITEIDs such as '03': correct the value in the run's config. The "
+     "previous outputs are unchanged."),
+    (("is not the run's output folder",),
+     "settings.output_dir and store.output_dir name different folders in the run's config: set both to the same "
+     "output folder (the code location's defaults do). The previous outputs are unchanged."),
+    (("DagsterExecutionInterruptedError", "KeyboardInterrupt"),
+     "The run was interrupted (Ctrl-C, or terminated from the UI). The previous outputs are unchanged; run again "
+     "when ready."),
+    (("is to be withdrawn but has a current transfer",),
+     "A site given to --without-site (settings.sites_withdrawn) still sends usable data: run again without "
+     "withdrawing it. The previous outputs are unchanged."),
+    (("Publishing would drop its subjects",),
+     "A site of the published set has no usable transfer tonight: restore its transfers (or have it send a new "
+     "one), or, if it has closed, run with --without-site and its SITEID. The previous outputs are unchanged."),
+    ((OutputFolderBusy.__name__, "is being written by"),
+     "Another run is writing this output folder. Wait for it to finish, then run again."),
+]
+
+# After the zone advice: these words also appear in its messages.
+FOLDER_GUIDANCE = [
+    (("inside the exports folder", "was not written by mesae"),
+     "The output folder cannot be used (it is inside the exports folder or holds files mesae did not write). Use "
+     "a separate, empty --output folder."),
+    (("ExportsRootError", "exports folder", "exports path", "site folder"),
+     "The exports folder is missing or unreadable. Check the nightly copy from the sites, then run again."),
+    (("No space left", "Permission denied", "Read-only", "is not writable"),
+     "The output folder cannot be written (disk full or permissions). Free space or fix permissions; the previous "
+     "outputs are unchanged."),
+]
+
+
 def failure_guidance(message: str) -> str:
     """What a data manager should do next, from a run's failure message (see `failure_message`)."""
     text = message or ""
-    if "sdtm_conformance" in text or "AccountingError" in text or "row accounting" in text:
-        return ("The outputs failed a conformance check or row accounting: this is a pipeline bug, not a data "
-                "problem. The previous outputs are unchanged. Send the run id to the pipeline team.")
-    if "RandomizationFileError" in text:
-        return ("The IWRS list (unblinded/randomization.csv) cannot be used as it is: have it exported again as the "
-                "reason says, then rerun. The previous outputs are unchanged.")
-    if "MixedInputsError" in text or "would mix" in text:
-        return ("Part of the job was materialized without the rest (a subset in the UI), so the outputs would mix "
-                "two inputs or code versions: launch the whole mesae_nightly job (or mesae run). The previous "
-                "outputs are unchanged.")
-    if "are not SITEIDs" in text:
-        return ("settings.sites_withdrawn takes two-digit SITEIDs such as '03': correct the value in the run's "
-                "config. The previous outputs are unchanged.")
-    if "is not the run's output folder" in text:
-        return ("settings.output_dir and store.output_dir name different folders in the run's config: set both to "
-                "the same output folder (the code location's defaults do). The previous outputs are unchanged.")
-    if "DagsterExecutionInterruptedError" in text or "KeyboardInterrupt" in text:
-        return "The run was interrupted (Ctrl-C, or terminated from the UI). The previous outputs are unchanged; " \
-               "run again when ready."
-    if "is to be withdrawn but has a current transfer" in text:
-        return ("A site given to --without-site (settings.sites_withdrawn) still sends usable data: run again "
-                "without withdrawing it. The previous outputs are unchanged.")
-    if "Publishing would drop its subjects" in text:
-        return ("A site of the published set has no usable transfer tonight: restore its transfers (or have it "
-                "send a new one), or, if it has closed, run with --without-site and its SITEID. The previous "
-                "outputs are unchanged.")
-    if OutputFolderBusy.__name__ in text or "is being written by" in text:
-        return "Another run is writing this output folder. Wait for it to finish, then run again."
+    for words, advice in GUIDANCE:
+        if any(word in text for word in words):
+            return advice
     # Matched on the error's own words, not on "zone" anywhere (a path such as /srv/blinded-zone/...
     # would match that), and before the exports advice ("inside the exports folder" names it too).
     if ZONE_MISMATCH.search(text):
         return "The output folder or Dagster instance belongs to the other blinding zone. Use the zone's own folder."
-    if "inside the exports folder" in text or "was not written by mesae" in text:
-        return ("The output folder cannot be used (it is inside the exports folder or holds files mesae did not "
-                "write). Use a separate, empty --output folder.")
-    if "ExportsRootError" in text or "exports folder" in text or "exports path" in text or "site folder" in text:
-        return "The exports folder is missing or unreadable. Check the nightly copy from the sites, then run again."
-    if ("No space left" in text or "Permission denied" in text or "Read-only" in text
-            or "is not writable" in text):
-        return "The output folder cannot be written (disk full or permissions). Free space or fix permissions; " \
-               "the previous outputs are unchanged."
+    for words, advice in FOLDER_GUIDANCE:
+        if any(word in text for word in words):
+            return advice
     return "The run failed; the previous outputs are unchanged. Check the run's log in the Dagster UI, then rerun."
 
 

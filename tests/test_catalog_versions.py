@@ -172,6 +172,22 @@ def _resend_same_folder_with_an_edit(exports: Path, site: str) -> str:
     return value
 
 
+def _refused_after(defs: dg.Definitions, home: Path, prefixes: list[list[str]]) -> str:
+    """Materializes the assets under each key prefix in turn (as the UI does for a selection),
+    then reports/* alone, which must fail: its error."""
+    graph = defs.resolve_asset_graph()
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    job = defs.resolve_job_def(JOB_NAME)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for prefix in [*prefixes, ["reports"]]:
+            keys = [k for k in graph.materializable_asset_keys if k.path[:len(prefix)] == prefix]
+            result = job.execute_in_process(instance=instance, asset_selection=keys, run_config=quiet,
+                                            raise_on_error=False)
+            assert result.success == (prefix != ["reports"]), prefix
+    error = result.get_step_failure_events()[0].event_specific_data.error
+    return str(error.cause or error)
+
+
 def test_a_partial_rematerialization_cannot_publish_old_datasets_with_new_checksums(tmp_path):
     """A same-name re-send with other bytes, then raw/* and reports/* alone in the UI: the SDTM
     datasets of the old files would be published beside the new files' sha256 (run.json, lineage),
@@ -186,18 +202,8 @@ def test_a_partial_rematerialization_cannot_publish_old_datasets_with_new_checks
     assert run_cli("run", "--exports", str(exports), "--output", str(output), home=home) == 0
     before = {p.relative_to(output): p.read_bytes() for p in output.glob("*/*.parquet")}
     value = _resend_same_folder_with_an_edit(exports, "02")
-    defs = build_definitions(exports, output)
-    graph = defs.resolve_asset_graph()
-    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-    job = defs.resolve_job_def(JOB_NAME)
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        for layer, succeeds in (("raw", True), ("reports", False)):
-            keys = [k for k in graph.materializable_asset_keys if k.path[0] == layer]
-            result = job.execute_in_process(instance=instance, asset_selection=keys, run_config=quiet,
-                                            raise_on_error=False)
-            assert result.success == succeeds, layer
-    error = result.get_step_failure_events()[0].event_specific_data.error
-    assert "would mix values built from different transfer files" in str(error.cause or error)
+    error = _refused_after(build_definitions(exports, output), home, [["raw"]])
+    assert "would mix values built from different transfer files" in error
     assert {p.relative_to(output): p.read_bytes() for p in output.glob("*/*.parquet")} == before
     assert run_cli("run", "--exports", str(exports), "--output", str(output), home=home) == 0
     lb = pd.read_parquet(output / "sdtm" / "lb.parquet")
@@ -227,16 +233,6 @@ def test_a_changed_iwrs_list_cannot_be_published_beside_arms_of_the_old_one(tmp_
     buffer = io.StringIO(newline="")
     csv.writer(buffer, lineterminator="\n").writerows(records)
     path.write_text(buffer.getvalue(), encoding="utf-8")
-    defs = build_definitions(exports, output, "unblinded")
-    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-    job = defs.resolve_job_def(JOB_NAME)
-    keys = defs.resolve_asset_graph().materializable_asset_keys
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        for selection, succeeds in (([dg.AssetKey(["raw", "randomization"])], True),
-                                    ([k for k in keys if k.path[0] == "reports"], False)):
-            result = job.execute_in_process(instance=instance, asset_selection=selection, run_config=quiet,
-                                            raise_on_error=False)
-            assert result.success == succeeds, selection
-    error = result.get_step_failure_events()[0].event_specific_data.error
-    assert "would mix values built from different IWRS lists" in str(error.cause or error)
+    error = _refused_after(build_definitions(exports, output, "unblinded"), home, [["raw", "randomization"]])
+    assert "would mix values built from different IWRS lists" in error
     assert {p.relative_to(output): p.read_bytes() for p in output.glob("*/*.parquet")} == before
