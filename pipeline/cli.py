@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -43,7 +42,9 @@ def seconds(text: str) -> float:
 
 
 def site_id(text: str) -> str:
-    if not re.fullmatch(r"[0-9]{2}", text):
+    from pipeline.transfers import SITEID
+
+    if not SITEID.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a SITEID; expected two digits, e.g. 03")
     return text
 

@@ -7,7 +7,6 @@ import contextlib
 import itertools
 import json
 import os
-import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
@@ -19,7 +18,7 @@ from pydantic import ConfigDict, PrivateAttr
 
 from pipeline import metadata
 from pipeline.output_folder import INSTANCE_ZONE_MARKER, STALE_SUFFIX, OutputFolder, asset_store, zones_around
-from pipeline.transfers import ExportsRootError, check_exports_root
+from pipeline.transfers import SITEID, ExportsRootError, check_exports_root
 
 ZONE_KEY = "mesae/zone"
 
@@ -96,7 +95,7 @@ class StudySettings(ZonedResource):
         if not self.exports.is_dir():
             raise ExportsRootError(f"exports folder {self.exports} does not exist or is not a folder")
         check_exports_root(self.exports)
-        malformed = [site for site in self.sites_withdrawn if not re.fullmatch(r"[0-9]{2}", site)]
+        malformed = [site for site in self.sites_withdrawn if not SITEID.fullmatch(site)]
         if malformed:
             raise ValueError(f"sites_withdrawn {malformed} are not SITEIDs; expected two digits, e.g. '03'")
         if context.instance is not None:

@@ -30,7 +30,8 @@ import pyarrow.csv as pacsv
 from pipeline import findings, metadata
 
 # Used with fullmatch: `$` would accept a trailing line break and `\d` other scripts' digits.
-SITE_FOLDER = re.compile(r"site-([0-9]{2})")
+SITEID = re.compile(r"[0-9]{2}")
+SITE_FOLDER = re.compile(rf"site-({SITEID.pattern})")
 # Used with match: a sync tool's `site-03 (1)` or `.site-03.partial`, a `site-05.bak`, `Site-03`
 # or a `site-04.zip` is a site's data under a wrong name or form, listed as REJECTED rather than
 # skipped; `website2026` or `Site_Documentation_v2` is not.
@@ -93,8 +94,16 @@ def withdrawals(published: dict[str, dict], transfers: list[Transfer], withdrawn
     if present:
         raise SiteGoneError("; ".join(f"site {site} is to be withdrawn but has a current transfer ({usable[site]})"
                                       for site in present) + ": withdraw only a site that sends no usable data")
-    return [findings.single("TRF-SITE-WITHDRAWN", site=site, transfer=published[site].get("transfer"), value=site,
-                            detail=published[site].get("transfer")) for site in sorted(set(withdrawn) & set(published))]
+    return [findings.single("TRF-SITE-WITHDRAWN", site=site, transfer=published_transfer(published, site),
+                            value=site, detail=published_transfer(published, site))
+            for site in sorted(set(withdrawn) & set(published))]
+
+
+def published_transfer(published: dict[str, dict], site: str) -> str | None:
+    """The transfer a site was last published from (run.json `inputs`), or None."""
+    inputs = published.get(site)
+    transfer = inputs.get("transfer") if isinstance(inputs, dict) else None
+    return transfer if isinstance(transfer, str) else None
 
 
 def unknown_withdrawals(withdrawn: list[str], published: dict[str, dict], listing: list[Transfer]) -> str | None:
@@ -115,9 +124,9 @@ def sites_gone_back(published: dict[str, dict], transfers: list[Transfer]) -> li
     current = {t.site: t.name for t in transfers if t.status == "CURRENT"}
     by_name = {(t.site, t.name): t for t in transfers}
     out = []
-    for site, inputs in sorted(published.items()):
-        last = inputs.get("transfer") if isinstance(inputs, dict) else None
-        if site not in current or not isinstance(last, str) or current[site] >= last:
+    for site in sorted(published):
+        last = published_transfer(published, site)
+        if site not in current or last is None or current[site] >= last:
             continue
         was = by_name.get((site, last))
         why = (f"is REJECTED now ({was.reason})" if was is not None and was.status == "REJECTED"
@@ -135,7 +144,7 @@ def sites_gone(published: dict[str, dict], transfers: list[Transfer], withdrawn:
     rejected = {t.site: t for t in sorted(transfers, key=lambda t: t.name) if t.site and t.status == "REJECTED"}
     out = {}
     for site in sorted(set(published) - usable - set(withdrawn)):
-        last = published[site].get("transfer") if isinstance(published[site], dict) else None
+        last = published_transfer(published, site)
         why = (f"every transfer of it is REJECTED (newest {rejected[site].name}: {rejected[site].reason})"
                if site in rejected else "its folder site-" + site + " is gone from the exports root")
         out[site] = f"site {site} (last published from transfer {last}): {why}"
